@@ -1,0 +1,44 @@
+# Quickstart targets. Everything installs into .venv from PyPI; the C++ (and, where nvcc is
+# found, CUDA) library is built by `pip install` through scikit-build-core.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup build demo test test-slow test-peers lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Build requirements are installed into the venv and the package is built without isolation,
+# so jax (whose headers the C++ build uses) is downloaded once.
+$(STAMP): $(PY) pyproject.toml CMakeLists.txt $(wildcard xla_ffi/*)
+	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja "jax>=0.10,<0.13"
+	$(PIP) install -q --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+build: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo_ops.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Long tests kept out of `make test` (see pyproject's markers).
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+# Cross-checks against torch/torchvision (a large download).
+test-peers: $(STAMP)
+	$(PIP) install -q --no-build-isolation -e ".[test,peers]"
+	$(PY) -m pytest -q -m peers
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check dk_jax tests
+
+clean:
+	rm -rf build $(VENV)

@@ -1,0 +1,181 @@
+// What the CPU and CUDA handlers share besides the maths: the list of operations, how their
+// buffers are laid out, how a problem's sizes are read off the buffers, and the one place that
+// turns an XLA element type into a C++ type.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+
+#include "xla/ffi/api/ffi.h"
+#include "dk_types.h"
+
+namespace dk {
+
+namespace ffi = xla::ffi;
+
+// The operations of the depthwise family (sample_depthwise / deform_sample_depthwise).
+enum class Mode : int {
+  kForward,       // (x, [offset], rotation, weight)            -> y
+  kGradImage,     // (gy, [offset], rotation, weight)           -> gx
+  kGradWeight,    // (gy, x, [offset], rotation)                -> gw  (Nw, Sh, Sw, C)
+  kJvpRotation,   // (x, [offset], rotation, weight, drotation) -> dy
+  kGradRotation,  // (gy, x, [offset], rotation, weight)        -> grotation
+  kJvpOffset,     // (x, offset, rotation, weight, doffset)     -> dy
+  kGradOffset,    // (gy, x, offset, rotation, weight)          -> goffset
+};
+
+// Arguments always come in the order cot, x, offset, rotation, weight, tangent; each mode takes
+// the subset below (offset only for the deformable ops).
+constexpr bool takes_cot(Mode m) {
+  return m == Mode::kGradImage || m == Mode::kGradWeight || m == Mode::kGradRotation ||
+         m == Mode::kGradOffset;
+}
+constexpr bool takes_x(Mode m) { return m != Mode::kGradImage; }
+constexpr bool takes_weight(Mode m) { return m != Mode::kGradWeight; }
+constexpr bool takes_tangent(Mode m) { return m == Mode::kJvpRotation || m == Mode::kJvpOffset; }
+
+// Sizes of one depthwise problem. Weight may be shared (Nw = 1) or per sample (Nw = N).
+struct Problem {
+  int64_t N, H, W, C;
+  int64_t Ho, Wo;
+  int64_t Kh, Kw, Sh, Sw;
+  int64_t sh, sw, ph, pw, dh, dw;
+  int64_t G, Nw;
+  int64_t taps() const { return Kh * Kw; }
+  int64_t scope() const { return Sh * Sw; }
+};
+
+template <typename T>
+struct Operands {
+  const T* cot = nullptr;
+  const T* x = nullptr;
+  const T* offset = nullptr;
+  const T* rotation = nullptr;
+  const T* weight = nullptr;
+  const T* tangent = nullptr;
+  T* out = nullptr;
+};
+
+inline ffi::Error invalid(const std::string& what) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "dk_jax: " + what);
+}
+
+// Calls f(T{}) with T the C++ type of `dtype`: the single place where dtypes are dispatched.
+template <typename F>
+ffi::Error dispatch_float(ffi::DataType dtype, F&& f) {
+  switch (dtype) {
+    case ffi::DataType::F32:
+      return f(float{});
+    case ffi::DataType::BF16:
+      return f(bf16{});
+    case ffi::DataType::F16:
+      return f(f16{});
+    default:
+      return invalid("unsupported element type; expected float32, bfloat16 or float16");
+  }
+}
+
+// Reads the operands of a depthwise-family call in their canonical order and the sizes of the
+// problem off their shapes. `buffers` holds the inputs; `result` the output.
+struct DkCall {
+  Problem p;
+  ffi::DataType dtype;
+  const void* cot = nullptr;
+  const void* x = nullptr;
+  const void* offset = nullptr;
+  const void* rotation = nullptr;
+  const void* weight = nullptr;
+  const void* tangent = nullptr;
+  void* out = nullptr;
+  int64_t out_elements = 0;
+
+  template <typename T>
+  Operands<T> typed() const {
+    Operands<T> o;
+    o.cot = static_cast<const T*>(cot);
+    o.x = static_cast<const T*>(x);
+    o.offset = static_cast<const T*>(offset);
+    o.rotation = static_cast<const T*>(rotation);
+    o.weight = static_cast<const T*>(weight);
+    o.tangent = static_cast<const T*>(tangent);
+    o.out = static_cast<T*>(out);
+    return o;
+  }
+};
+
+inline ffi::Error read_dk_call(Mode mode, bool deform, const ffi::RemainingArgs& args,
+                               ffi::AnyBuffer result, ffi::Span<const int64_t> geometry,
+                               DkCall* call) {
+  if (geometry.size() != 9) return invalid("geometry attribute must hold 9 integers");
+  const size_t expected = size_t(takes_cot(mode)) + size_t(takes_x(mode)) + size_t(deform) + 1 +
+                          size_t(takes_weight(mode)) + size_t(takes_tangent(mode));
+  if (args.size() != expected) return invalid("wrong number of operands");
+  size_t next = 0;
+  ffi::DataType dtype = result.element_type();
+  auto take = [&](const void** ptr, ffi::AnyBuffer* keep) -> ffi::Error {
+    auto buf = args.get<ffi::AnyBuffer>(next++);
+    if (buf.has_error()) return buf.error();
+    if (buf->element_type() != dtype) return invalid("operands must share one dtype");
+    *ptr = buf->untyped_data();
+    if (keep) *keep = *buf;
+    return ffi::Error::Success();
+  };
+  ffi::AnyBuffer cot_b = result, x_b = result, rot_b = result, w_b = result;
+  ffi::Error err = ffi::Error::Success();
+  if (takes_cot(mode) && (err = take(&call->cot, &cot_b)).failure()) return err;
+  if (takes_x(mode) && (err = take(&call->x, &x_b)).failure()) return err;
+  if (deform && (err = take(&call->offset, nullptr)).failure()) return err;
+  if ((err = take(&call->rotation, &rot_b)).failure()) return err;
+  if (takes_weight(mode) && (err = take(&call->weight, &w_b)).failure()) return err;
+  if (takes_tangent(mode) && (err = take(&call->tangent, nullptr)).failure()) return err;
+
+  // Image sizes come from x, or from the result when x is what is being computed.
+  const auto xd = takes_x(mode) ? x_b.dimensions() : result.dimensions();
+  const auto rd = rot_b.dimensions();
+  const auto wd = takes_weight(mode) ? w_b.dimensions() : result.dimensions();
+  if (xd.size() != 4 || rd.size() != 4 || wd.size() != 4) return invalid("bad operand ranks");
+  Problem& p = call->p;
+  p.N = xd[0], p.H = xd[1], p.W = xd[2], p.C = xd[3];
+  p.Ho = rd[1], p.Wo = rd[2];
+  p.Nw = wd[0], p.Sh = wd[1], p.Sw = wd[2];
+  p.Kh = geometry[0], p.Kw = geometry[1], p.sh = geometry[2], p.sw = geometry[3];
+  p.ph = geometry[4], p.pw = geometry[5], p.dh = geometry[6], p.dw = geometry[7];
+  p.G = geometry[8];
+  if (p.G <= 0 || p.C % p.G != 0 || wd[3] != p.C || rd[0] != p.N ||
+      rd[3] != p.G * p.taps() * 2 || (p.Nw != 1 && p.Nw != p.N)) {
+    return invalid("inconsistent operand shapes");
+  }
+  call->dtype = dtype;
+  call->out = result.untyped_data();
+  call->out_elements = int64_t(result.element_count());
+  return ffi::Error::Success();
+}
+
+// nd_linear_sample: data (Nb, *S, C), coord (Nb, M, D).
+struct NdProblem {
+  int64_t Nb, M, C;
+  int dims;
+  int64_t shape[8];
+  int64_t spatial() const {
+    int64_t s = 1;
+    for (int d = 0; d < dims; ++d) s *= shape[d];
+    return s;
+  }
+};
+
+inline ffi::Error read_nd_problem(ffi::AnyBuffer data_like, ffi::AnyBuffer coord, NdProblem* p) {
+  const auto dd = data_like.dimensions();
+  const auto cd = coord.dimensions();
+  if (cd.size() != 3 || dd.size() < 3) return invalid("bad operand ranks");
+  p->Nb = cd[0], p->M = cd[1];
+  p->dims = int(cd[2]);
+  if (int64_t(dd.size()) != p->dims + 2 || dd[0] != p->Nb || p->dims > 6 || p->dims < 1) {
+    return invalid("inconsistent operand shapes");
+  }
+  for (int d = 0; d < p->dims; ++d) p->shape[d] = dd[1 + d];
+  p->C = dd[dd.size() - 1];
+  return ffi::Error::Success();
+}
+
+}  // namespace dk

@@ -1,0 +1,472 @@
+// CPU loops and XLA FFI handlers. The arithmetic comes from dk_math.h; this file only decides
+// how the work is split: output rows (or samples, where outputs would collide) over the threads
+// of XLA's intra-op pool, and channels innermost, contiguous in NHWC, so the compiler vectorises.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "dk_common.h"
+#include "dk_math.h"
+
+namespace dk {
+namespace {
+
+// ------------------------------------------------------------------------------------------
+// Threads.
+
+int64_t thread_budget(ffi::ThreadPool* pool) {
+  int64_t n = pool ? pool->num_threads() : 1;
+  if (const char* env = std::getenv("DK_JAX_NUM_THREADS")) {
+    const long v = std::strtol(env, nullptr, 10);
+    if (v > 0) n = std::min<int64_t>(n <= 0 ? v : n, v);
+  }
+  return std::max<int64_t>(n, 1);
+}
+
+// Runs body(chunk) for chunk in [0, n_chunks) on the calling thread and up to `workers - 1`
+// pool threads. Chunks are claimed from a shared counter and the caller only waits for chunks
+// that were claimed, never for a pool task to start: a busy pool (for instance one whose threads
+// run other custom calls) cannot deadlock us, it only leaves the caller with more chunks.
+template <typename F>
+void parallel_for(ffi::ThreadPool* pool, int64_t workers, int64_t n_chunks, const F& body) {
+  if (n_chunks <= 0) return;
+  workers = std::min(workers, n_chunks);
+  if (workers <= 1 || pool == nullptr) {
+    for (int64_t c = 0; c < n_chunks; ++c) body(c);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    int64_t done = 0;
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  // A late task only touches `state` (kept alive by its own copy of the pointer): it finds no
+  // chunk left and never calls body, whose captures may be gone by then.
+  auto work = [state, n_chunks, &body]() {
+    int64_t finished = 0;
+    for (int64_t c; (c = state->next.fetch_add(1)) < n_chunks; ++finished) body(c);
+    if (finished > 0) {
+      std::lock_guard<std::mutex> lock(state->mu);
+      state->done += finished;
+      state->cv.notify_all();
+    }
+  };
+  for (int64_t t = 1; t < workers; ++t) {
+    auto task = work;
+    pool->Schedule(std::move(task));
+  }
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done == n_chunks; });
+}
+
+// [begin, end) of chunk c when n items are cut into k nearly equal chunks.
+inline std::pair<int64_t, int64_t> chunk_range(int64_t n, int64_t k, int64_t c) {
+  return {n * c / k, n * (c + 1) / k};
+}
+
+// ------------------------------------------------------------------------------------------
+// Depthwise family: one output row (n, i) at a time.
+
+struct RowScratch {
+  std::vector<float> acc;   // C: per-location accumulators (forward, JVPs)
+  std::vector<float> sink;  // C: write target of absent corners in the scattering modes
+  float* grad_weight = nullptr;  // Sh*Sw*C float accumulators of the current row (kGradWeight)
+  float* grad_image = nullptr;   // H*W*C float accumulators of sample n (kGradImage)
+};
+
+template <Mode M, bool kDeform, bool kUnitStride, typename T>
+void dk_row(const Problem& p, const Operands<T>& A, const T* zero_row, int64_t n, int64_t i,
+            RowScratch& s) {
+  constexpr int NI = kDeform ? 4 : 1;  // corners of an image read
+  const int64_t C = p.C, G = kUnitStride ? 1 : p.G, taps = p.taps();
+  const int64_t S = p.scope();
+  const T* x_n = A.x ? A.x + n * p.H * p.W * C : nullptr;
+  const T* w_n = A.weight ? A.weight + (p.Nw == 1 ? 0 : n) * S * C : nullptr;
+  float* acc = s.acc.data();
+  float* sink = s.sink.data();
+
+  for (int64_t j = 0; j < p.Wo; ++j) {
+    const int64_t loc = (n * p.Ho + i) * p.Wo + j;
+    const T* rot = A.rotation + loc * G * taps * 2;
+    const T* off = kDeform ? A.offset + loc * taps * 2 : nullptr;
+    const T* gy = takes_cot(M) ? A.cot + loc * C : nullptr;
+    const T* tan = nullptr;
+    if (M == Mode::kJvpRotation) tan = A.tangent + loc * G * taps * 2;
+    if (M == Mode::kJvpOffset) tan = A.tangent + loc * taps * 2;
+    if (M == Mode::kForward || M == Mode::kJvpRotation || M == Mode::kJvpOffset) {
+      std::fill(acc, acc + C, 0.f);
+    }
+
+    for (int64_t a = 0; a < p.Kh; ++a) {
+      for (int64_t b = 0; b < p.Kw; ++b) {
+        const int64_t tap = a * p.Kw + b;
+        const int64_t hp = image_position(i, a, p.sh, p.ph, p.dh);
+        const int64_t wp = image_position(j, b, p.sw, p.pw, p.dw);
+        Footprint img;
+        if (kDeform) {
+          img = bilinear_footprint(float(hp) + to_float(off[2 * tap]),
+                                   float(wp) + to_float(off[2 * tap + 1]), p.H, p.W);
+        } else {
+          img = point_footprint(hp, wp, p.H, p.W);
+        }
+        const T* xr[4];
+        float* gxr[4];
+        for (int k = 0; k < NI; ++k) {
+          const bool in = img.index[k] >= 0;
+          xr[k] = (x_n && in) ? x_n + img.index[k] * C : zero_row;
+          gxr[k] = (M == Mode::kGradImage && in) ? s.grad_image + img.index[k] * C : sink;
+        }
+        float off_t[2] = {0.f, 0.f};
+        if (M == Mode::kJvpOffset) off_t[0] = to_float(tan[2 * tap]), off_t[1] = to_float(tan[2 * tap + 1]);
+        float goff[2] = {0.f, 0.f};
+
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t r = (g * taps + tap) * 2;
+          const Footprint kf =
+              bilinear_footprint(scope_position(a, to_float(rot[r]), p.Kh, p.Sh),
+                                 scope_position(b, to_float(rot[r + 1]), p.Kw, p.Sw), p.Sh, p.Sw);
+          const T* wr[4];
+          float* gwr[4];
+          for (int k = 0; k < 4; ++k) {
+            const bool in = kf.index[k] >= 0;
+            wr[k] = (w_n && in) ? w_n + kf.index[k] * C : zero_row;
+            gwr[k] = (M == Mode::kGradWeight && in) ? s.grad_weight + kf.index[k] * C : sink;
+          }
+          const int64_t c0 = kUnitStride ? 0 : g;
+          if (M == Mode::kForward) {
+#pragma GCC ivdep
+            for (int64_t c = c0; c < C; c += G) {
+              acc[c] += tap_product(blend<NI>(img.w, xr, c), blend<4>(kf.w, wr, c));
+            }
+          } else if (M == Mode::kGradImage) {
+#pragma GCC ivdep
+            for (int64_t c = c0; c < C; c += G) {
+              const float d = to_float(gy[c]) * blend<4>(kf.w, wr, c);
+              for (int k = 0; k < NI; ++k) gxr[k][c] += img.w[k] * d;
+            }
+          } else if (M == Mode::kGradWeight) {
+#pragma GCC ivdep
+            for (int64_t c = c0; c < C; c += G) {
+              const float d = to_float(gy[c]) * blend<NI>(img.w, xr, c);
+              for (int k = 0; k < 4; ++k) gwr[k][c] += kf.w[k] * d;
+            }
+          } else if (M == Mode::kJvpRotation) {
+            const float tu = to_float(tan[r]), tv = to_float(tan[r + 1]);
+#pragma GCC ivdep
+            for (int64_t c = c0; c < C; c += G) {
+              const float dk = position_tangent(blend<4>(kf.dwdu, wr, c),
+                                                blend<4>(kf.dwdv, wr, c), tu, tv);
+              acc[c] += tap_product(blend<NI>(img.w, xr, c), dk);
+            }
+          } else if (M == Mode::kGradRotation) {
+            float su = 0.f, sv = 0.f;
+            for (int64_t c = c0; c < C; c += G) {
+              const float d = to_float(gy[c]) * blend<NI>(img.w, xr, c);
+              su += d * blend<4>(kf.dwdu, wr, c);
+              sv += d * blend<4>(kf.dwdv, wr, c);
+            }
+            T* o = A.out + loc * G * taps * 2 + r;
+            o[0] = from_float<T>(su);
+            o[1] = from_float<T>(sv);
+          } else if (M == Mode::kJvpOffset) {
+#pragma GCC ivdep
+            for (int64_t c = c0; c < C; c += G) {
+              const float dx = position_tangent(blend<NI>(img.dwdu, xr, c),
+                                                blend<NI>(img.dwdv, xr, c), off_t[0], off_t[1]);
+              acc[c] += tap_product(dx, blend<4>(kf.w, wr, c));
+            }
+          } else if (M == Mode::kGradOffset) {
+            float su = 0.f, sv = 0.f;
+            for (int64_t c = c0; c < C; c += G) {
+              const float d = to_float(gy[c]) * blend<4>(kf.w, wr, c);
+              su += d * blend<NI>(img.dwdu, xr, c);
+              sv += d * blend<NI>(img.dwdv, xr, c);
+            }
+            goff[0] += su;
+            goff[1] += sv;
+          }
+        }
+        if (M == Mode::kGradOffset) {
+          T* o = A.out + loc * taps * 2 + 2 * tap;
+          o[0] = from_float<T>(goff[0]);
+          o[1] = from_float<T>(goff[1]);
+        }
+      }
+    }
+    if (M == Mode::kForward || M == Mode::kJvpRotation || M == Mode::kJvpOffset) {
+      T* o = A.out + loc * C;
+      for (int64_t c = 0; c < C; ++c) o[c] = from_float<T>(acc[c]);
+    }
+  }
+}
+
+template <typename T>
+void store(const float* src, T* dst, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = from_float<T>(src[k]);
+}
+
+template <Mode M, bool kDeform, bool kUnitStride, typename T>
+void dk_run(ffi::ThreadPool* pool, const Problem& p, const Operands<T>& A) {
+  const int64_t C = p.C, S = p.scope();
+  const int64_t workers = thread_budget(pool);
+  const std::vector<T> zero_row(size_t(std::max<int64_t>(C, 1)), from_float<T>(0.f));
+  auto make_scratch = [&]() {
+    RowScratch s;
+    s.acc.assign(size_t(C), 0.f);
+    s.sink.assign(size_t(C), 0.f);
+    return s;
+  };
+
+  if (M == Mode::kGradImage) {
+    // Image gradients scatter: split by sample so no two threads write the same element.
+    const int64_t image = p.H * p.W * C;
+    std::vector<float> tmp;
+    float* gx = reinterpret_cast<float*>(A.out);
+    if (!std::is_same<T, float>::value) {
+      tmp.assign(size_t(p.N * image), 0.f);
+      gx = tmp.data();
+    } else {
+      std::fill(gx, gx + p.N * image, 0.f);
+    }
+    parallel_for(pool, workers, p.N, [&](int64_t n) {
+      RowScratch s = make_scratch();
+      s.grad_image = gx + n * image;
+      for (int64_t i = 0; i < p.Ho; ++i) dk_row<M, kDeform, kUnitStride>(p, A, zero_row.data(), n, i, s);
+    });
+    if (!std::is_same<T, float>::value) store(gx, A.out, p.N * image);
+    return;
+  }
+
+  if (M == Mode::kGradWeight) {
+    // Weight gradients reduce over every location: each chunk sums its rows in float, folds
+    // each row into double totals, and the totals are reduced once at the end.
+    const bool shared = p.Nw == 1;
+    const int64_t n_chunks = shared ? std::min<int64_t>(workers, p.N * p.Ho) : p.N;
+    std::vector<double> totals(size_t(std::max<int64_t>(n_chunks, 1) * S * C), 0.0);
+    parallel_for(pool, workers, n_chunks, [&](int64_t chunk) {
+      RowScratch s = make_scratch();
+      std::vector<float> row(size_t(S * C));
+      s.grad_weight = row.data();
+      double* total = totals.data() + chunk * S * C;
+      auto [r0, r1] = shared ? chunk_range(p.N * p.Ho, n_chunks, chunk)
+                             : std::pair<int64_t, int64_t>{chunk * p.Ho, (chunk + 1) * p.Ho};
+      for (int64_t r = r0; r < r1; ++r) {
+        std::fill(row.begin(), row.end(), 0.f);
+        dk_row<M, kDeform, kUnitStride>(p, A, zero_row.data(), r / p.Ho, r % p.Ho, s);
+        for (int64_t k = 0; k < S * C; ++k) total[k] += row[k];
+      }
+    });
+    if (shared) {
+      for (int64_t chunk = 1; chunk < n_chunks; ++chunk) {
+        for (int64_t k = 0; k < S * C; ++k) totals[k] += totals[chunk * S * C + k];
+      }
+      for (int64_t k = 0; k < S * C; ++k) A.out[k] = from_float<T>(float(totals[k]));
+    } else {
+      for (int64_t k = 0; k < p.N * S * C; ++k) A.out[k] = from_float<T>(float(totals[k]));
+    }
+    if (n_chunks == 0) {
+      for (int64_t k = 0; k < p.Nw * S * C; ++k) A.out[k] = from_float<T>(0.f);
+    }
+    return;
+  }
+
+  // Everything else writes each output element from exactly one row: split rows.
+  const int64_t rows = p.N * p.Ho;
+  const int64_t n_chunks = std::min<int64_t>(rows, workers * 4);
+  parallel_for(pool, workers, n_chunks, [&](int64_t chunk) {
+    RowScratch s = make_scratch();
+    auto [r0, r1] = chunk_range(rows, n_chunks, chunk);
+    for (int64_t r = r0; r < r1; ++r) {
+      dk_row<M, kDeform, kUnitStride>(p, A, zero_row.data(), r / p.Ho, r % p.Ho, s);
+    }
+  });
+}
+
+template <Mode M, bool kDeform>
+ffi::Error dk_handler(ffi::ThreadPool pool, ffi::RemainingArgs args,
+                      ffi::Result<ffi::AnyBuffer> out, ffi::Span<const int64_t> geometry) {
+  DkCall call;
+  if (auto err = read_dk_call(M, kDeform, args, *out, geometry, &call); err.failure()) return err;
+  return dispatch_float(call.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const Operands<T> A = call.typed<T>();
+    if (call.p.G == 1) {
+      dk_run<M, kDeform, true, T>(&pool, call.p, A);
+    } else {
+      dk_run<M, kDeform, false, T>(&pool, call.p, A);
+    }
+    return ffi::Error::Success();
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// nd_linear_sample: data (Nb, *S, C), coord (Nb, M, D).
+
+enum class NdMode { kForward, kGradData, kJvpCoord, kGradCoord };
+
+template <typename T>
+NdFootprint nd_point(const NdProblem& p, const T* coord, int64_t point) {
+  float pos[kMaxDims];
+  for (int d = 0; d < p.dims; ++d) pos[d] = to_float(coord[point * p.dims + d]);
+  return nd_footprint(pos, p.shape, p.dims);
+}
+
+template <NdMode M, typename T>
+ffi::Error nd_run(ffi::ThreadPool* pool, const NdProblem& p, const T* lhs, const T* coord,
+                  const T* tangent, T* out) {
+  // lhs is data (forward, JVP, grad coord: gout is `tangent` there) or gout (grad data).
+  const int64_t C = p.C, V = p.spatial(), D = p.dims;
+  const int64_t workers = thread_budget(pool);
+  const int64_t points = p.Nb * p.M;
+  if (M == NdMode::kGradData) {
+    // Scatter into data: split by (batch, channel block) so writes never collide.
+    std::vector<float> tmp;
+    float* gd = reinterpret_cast<float*>(out);
+    if (!std::is_same<T, float>::value) {
+      tmp.assign(size_t(p.Nb * V * C), 0.f);
+      gd = tmp.data();
+    } else {
+      std::fill(gd, gd + p.Nb * V * C, 0.f);
+    }
+    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(C / 16, (workers + p.Nb - 1) / std::max<int64_t>(p.Nb, 1)));
+    parallel_for(pool, workers, p.Nb * blocks, [&](int64_t chunk) {
+      const int64_t nb = chunk / blocks;
+      auto [c0, c1] = chunk_range(C, blocks, chunk % blocks);
+      float* g = gd + nb * V * C;
+      for (int64_t m = 0; m < p.M; ++m) {
+        const int64_t point = nb * p.M + m;
+        const NdFootprint f = nd_point(p, coord, point);
+        const T* go = lhs + point * C;
+        for (int k = 0; k < nd_corner_count(f); ++k) {
+          const int64_t idx = nd_corner_index(f, k, p.shape);
+          if (idx < 0) continue;
+          const float w = nd_corner_weight(f, k, -1);
+          float* row = g + idx * C;
+          for (int64_t c = c0; c < c1; ++c) row[c] += w * to_float(go[c]);
+        }
+      }
+    });
+    if (!std::is_same<T, float>::value) store(gd, out, p.Nb * V * C);
+    return ffi::Error::Success();
+  }
+  const int64_t n_chunks = std::min<int64_t>(points, workers * 4);
+  parallel_for(pool, workers, n_chunks, [&](int64_t chunk) {
+    std::vector<float> acc(size_t(std::max<int64_t>(C, 1)));
+    auto [q0, q1] = chunk_range(points, n_chunks, chunk);
+    for (int64_t point = q0; point < q1; ++point) {
+      const int64_t nb = point / p.M;
+      const NdFootprint f = nd_point(p, coord, point);
+      const T* data = lhs + nb * V * C;
+      if (M == NdMode::kGradCoord) {
+        const T* go = tangent + point * C;
+        for (int64_t e = 0; e < D; ++e) {
+          float s = 0.f;
+          for (int k = 0; k < nd_corner_count(f); ++k) {
+            const int64_t idx = nd_corner_index(f, k, p.shape);
+            if (idx < 0) continue;
+            const float w = nd_corner_weight(f, k, int(e));
+            const T* row = data + idx * C;
+            for (int64_t c = 0; c < C; ++c) s += to_float(go[c]) * w * to_float(row[c]);
+          }
+          out[point * D + e] = from_float<T>(s);
+        }
+        continue;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int k = 0; k < nd_corner_count(f); ++k) {
+        const int64_t idx = nd_corner_index(f, k, p.shape);
+        if (idx < 0) continue;
+        float w = 0.f;
+        if (M == NdMode::kForward) {
+          w = nd_corner_weight(f, k, -1);
+        } else {
+          for (int64_t e = 0; e < D; ++e) {
+            w += nd_corner_weight(f, k, int(e)) * to_float(tangent[point * D + e]);
+          }
+        }
+        const T* row = data + idx * C;
+        for (int64_t c = 0; c < C; ++c) acc[c] += w * to_float(row[c]);
+      }
+      store(acc.data(), out + point * C, C);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+template <NdMode M>
+ffi::Error nd_handler(ffi::ThreadPool pool, ffi::RemainingArgs args,
+                      ffi::Result<ffi::AnyBuffer> out) {
+  // Operands: forward (data, coord); grad data (gout, coord); JVP (data, coord, dcoord);
+  // grad coord (gout, data, coord).
+  const size_t expected = (M == NdMode::kForward || M == NdMode::kGradData) ? 2 : 3;
+  if (args.size() != expected) return invalid("wrong number of operands");
+  std::vector<ffi::AnyBuffer> b;
+  for (size_t k = 0; k < expected; ++k) {
+    auto buf = args.get<ffi::AnyBuffer>(k);
+    if (buf.has_error()) return buf.error();
+    if (buf->element_type() != out->element_type()) return invalid("operands must share one dtype");
+    b.push_back(*buf);
+  }
+  NdProblem p;
+  const ffi::AnyBuffer& data_like = M == NdMode::kGradData ? *out : (M == NdMode::kGradCoord ? b[1] : b[0]);
+  const ffi::AnyBuffer& coord = M == NdMode::kGradCoord ? b[2] : b[1];
+  if (auto err = read_nd_problem(data_like, coord, &p); err.failure()) return err;
+  return dispatch_float(out->element_type(), [&](auto tag) {
+    using T = decltype(tag);
+    auto ptr = [](const ffi::AnyBuffer& x) { return static_cast<const T*>(x.untyped_data()); };
+    T* o = static_cast<T*>(out->untyped_data());
+    switch (M) {
+      case NdMode::kForward:
+      case NdMode::kGradData:
+        return nd_run<M, T>(&pool, p, ptr(b[0]), ptr(b[1]), nullptr, o);
+      case NdMode::kJvpCoord:
+        return nd_run<M, T>(&pool, p, ptr(b[0]), ptr(b[1]), ptr(b[2]), o);
+      case NdMode::kGradCoord:
+        return nd_run<M, T>(&pool, p, ptr(b[1]), ptr(b[2]), ptr(b[0]), o);
+    }
+    return invalid("unknown mode");
+  });
+}
+
+}  // namespace
+}  // namespace dk
+
+namespace ffi = xla::ffi;
+
+#define DK_CPU_HANDLER(name, mode, deform)                                                  \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (dk::dk_handler<dk::Mode::mode, deform>),            \
+                                ffi::Ffi::Bind()                                           \
+                                    .Ctx<ffi::ThreadPool>()                                \
+                                    .RemainingArgs()                                       \
+                                    .Ret<ffi::AnyBuffer>()                                 \
+                                    .Attr<ffi::Span<const int64_t>>("geometry"));
+
+DK_CPU_HANDLER(dk_sample_forward_cpu, kForward, false)
+DK_CPU_HANDLER(dk_sample_grad_image_cpu, kGradImage, false)
+DK_CPU_HANDLER(dk_sample_grad_weight_cpu, kGradWeight, false)
+DK_CPU_HANDLER(dk_sample_jvp_rotation_cpu, kJvpRotation, false)
+DK_CPU_HANDLER(dk_sample_grad_rotation_cpu, kGradRotation, false)
+DK_CPU_HANDLER(dk_deform_forward_cpu, kForward, true)
+DK_CPU_HANDLER(dk_deform_grad_image_cpu, kGradImage, true)
+DK_CPU_HANDLER(dk_deform_grad_weight_cpu, kGradWeight, true)
+DK_CPU_HANDLER(dk_deform_jvp_rotation_cpu, kJvpRotation, true)
+DK_CPU_HANDLER(dk_deform_grad_rotation_cpu, kGradRotation, true)
+DK_CPU_HANDLER(dk_deform_jvp_offset_cpu, kJvpOffset, true)
+DK_CPU_HANDLER(dk_deform_grad_offset_cpu, kGradOffset, true)
+
+#define DK_ND_CPU_HANDLER(name, mode)                                                          \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                               \
+      name, (dk::nd_handler<dk::NdMode::mode>),                                                \
+      ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().RemainingArgs().Ret<ffi::AnyBuffer>());
+
+DK_ND_CPU_HANDLER(dk_nd_forward_cpu, kForward)
+DK_ND_CPU_HANDLER(dk_nd_grad_data_cpu, kGradData)
+DK_ND_CPU_HANDLER(dk_nd_jvp_coord_cpu, kJvpCoord)
+DK_ND_CPU_HANDLER(dk_nd_grad_coord_cpu, kGradCoord)

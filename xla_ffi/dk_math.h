@@ -1,0 +1,184 @@
+// The per-element arithmetic of dk-jax, written once and called by both the CPU loops
+// (dk_cpu.cc) and the CUDA kernels (dk_cuda.cu). Everything that decides a number lives here:
+// where a tap samples, the bilinear / multilinear weights and their derivatives, and how a
+// footprint blends values. The loops around it only decide who computes which element.
+//
+// Conventions (SPEC.md section 3): a read at real position (u, v) of an R x Q plane is zero when
+// u <= -1, v <= -1, u >= R or v >= Q; otherwise the four corners floor / floor+1 are blended and
+// a corner outside the plane contributes zero. Derivatives are those of the blend, taking the
+// right derivative at integers. +-inf positions fall outside (exact zero); NaN positions give
+// NaN weights, so they poison what they touch without ever forming an out-of-range index.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "dk_types.h"
+
+namespace dk {
+
+// Where the blend reads: up to four corners, each a flat index into the plane (row * Q + col)
+// or -1 when that corner is outside, with its weight and the weight's derivatives in u and v.
+struct Footprint {
+  int64_t index[4];
+  float w[4];
+  float dwdu[4];
+  float dwdv[4];
+};
+
+DK_HD Footprint empty_footprint() {
+  Footprint f;
+  for (int k = 0; k < 4; ++k) {
+    f.index[k] = -1;
+    f.w[k] = 0.f;
+    f.dwdu[k] = 0.f;
+    f.dwdv[k] = 0.f;
+  }
+  return f;
+}
+
+DK_HD bool is_nan(float v) { return v != v; }
+
+// Bilinear footprint of position (u, v) on an R x Q plane.
+DK_HD Footprint bilinear_footprint(float u, float v, int64_t R, int64_t Q) {
+  Footprint f = empty_footprint();
+  if (is_nan(u) || is_nan(v)) {
+    // Corner 0 reads element 0 with a NaN weight: the result is NaN, the read stays in range.
+    const float nan = u + v;
+    f.index[0] = (R > 0 && Q > 0) ? 0 : -1;
+    f.w[0] = nan;
+    f.dwdu[0] = nan;
+    f.dwdv[0] = nan;
+    return f;
+  }
+  if (u <= -1.f || v <= -1.f || u >= float(R) || v >= float(Q)) return f;
+  const float fy = floorf(u), fx = floorf(v);
+  const int64_t y0 = int64_t(fy), x0 = int64_t(fx);
+  const float ly = u - fy, lx = v - fx;
+  const float hy = 1.f - ly, hx = 1.f - lx;
+  const bool row0 = y0 >= 0, row1 = y0 + 1 < R;
+  const bool col0 = x0 >= 0, col1 = x0 + 1 < Q;
+  // Corner order: (y0, x0), (y0, x0+1), (y0+1, x0), (y0+1, x0+1).
+  const bool in[4] = {row0 && col0, row0 && col1, row1 && col0, row1 && col1};
+  const int64_t idx[4] = {y0 * Q + x0, y0 * Q + x0 + 1, (y0 + 1) * Q + x0, (y0 + 1) * Q + x0 + 1};
+  const float w[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
+  const float dwdu[4] = {-hx, -lx, hx, lx};
+  const float dwdv[4] = {-hy, hy, -ly, ly};
+  for (int k = 0; k < 4; ++k) {
+    if (!in[k]) continue;
+    f.index[k] = idx[k];
+    f.w[k] = w[k];
+    f.dwdu[k] = dwdu[k];
+    f.dwdv[k] = dwdv[k];
+  }
+  return f;
+}
+
+// Footprint of an integer position: a single corner of weight one (rigid image taps).
+DK_HD Footprint point_footprint(int64_t y, int64_t x, int64_t R, int64_t Q) {
+  Footprint f = empty_footprint();
+  if (y >= 0 && y < R && x >= 0 && x < Q) {
+    f.index[0] = y * Q + x;
+    f.w[0] = 1.f;
+  }
+  return f;
+}
+
+// Real position in the scope of kernel tap `a` (of K) shifted by `r`, the kernel centred in S.
+DK_HD float scope_position(int64_t a, float r, int64_t K, int64_t S) {
+  return float(a) + r + 0.5f * float(S - K);
+}
+
+// Integer image position of output index i, tap a: i * stride - pad + a * dilation.
+DK_HD int64_t image_position(int64_t i, int64_t a, int64_t stride, int64_t pad, int64_t dil) {
+  return i * stride - pad + a * dil;
+}
+
+// Blend of channel c of the NC corners of a footprint over rows of channel values:
+// sum_k weight[k] * row[k][c]. Rows of absent corners point at a zero row and carry weight 0.
+template <int NC, typename T>
+DK_HD float blend(const float* weight, const T* const* rows, int64_t c) {
+  float acc = 0.f;
+#pragma unroll
+  for (int k = 0; k < NC; ++k) acc += weight[k] * to_float(rows[k][c]);
+  return acc;
+}
+
+// Pieces of the gradients, one element each. y = sum_taps image * kernel, so:
+//   dy/d(image tap) = kernel, dy/d(kernel tap) = image,
+//   dy/d(rotation_t) = image * d(kernel)/d(pos_t), dy/d(offset_t) = kernel * d(image)/d(pos_t).
+DK_HD float tap_product(float image, float kernel) { return image * kernel; }
+DK_HD float position_tangent(float d_du, float d_dv, float tu, float tv) {
+  return d_du * tu + d_dv * tv;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Multilinear footprints in D dimensions (nd_linear_sample). Corners are enumerated by the bits
+// of k (bit d set: floor+1 along dimension d); they are computed on the fly, so a footprint is
+// D floats and D integers whatever 2^D is.
+constexpr int kMaxDims = 6;
+
+struct NdFootprint {
+  int dims;
+  int state;  // 0: inside, 1: outside (all zero), 2: NaN position
+  int64_t base[kMaxDims];
+  float frac[kMaxDims];
+};
+
+DK_HD NdFootprint nd_footprint(const float* pos, const int64_t* shape, int dims) {
+  NdFootprint f;
+  f.dims = dims;
+  f.state = 0;
+  for (int d = 0; d < dims; ++d) {
+    f.base[d] = 0;
+    f.frac[d] = 0.f;
+    if (is_nan(pos[d])) f.state = 2;
+  }
+  if (f.state == 2) return f;
+  for (int d = 0; d < dims; ++d) {
+    if (pos[d] <= -1.f || pos[d] >= float(shape[d])) {
+      f.state = 1;
+      return f;
+    }
+  }
+  for (int d = 0; d < dims; ++d) {
+    const float fl = floorf(pos[d]);
+    f.base[d] = int64_t(fl);
+    f.frac[d] = pos[d] - fl;
+  }
+  return f;
+}
+
+// Flat index (over the spatial dims, row-major) of corner k, or -1 when it is outside.
+// Corners to visit: none outside, one (element 0, NaN weight) for a NaN position, else 2^D.
+DK_HD int nd_corner_count(const NdFootprint& f) {
+  return f.state == 1 ? 0 : f.state == 2 ? 1 : 1 << f.dims;
+}
+
+DK_HD int64_t nd_corner_index(const NdFootprint& f, int k, const int64_t* shape) {
+  if (f.state == 2) return 0;
+  int64_t idx = 0;
+  for (int d = 0; d < f.dims; ++d) {
+    const int64_t i = f.base[d] + ((k >> d) & 1);
+    if (i < 0 || i >= shape[d]) return -1;
+    idx = idx * shape[d] + i;
+  }
+  return idx;
+}
+
+// Weight of corner k, and its derivative along dimension e (e < 0: the weight itself).
+DK_HD float nd_corner_weight(const NdFootprint& f, int k, int e) {
+  if (f.state == 2) return bits_float(0x7fc00000u);
+  float w = 1.f;
+  for (int d = 0; d < f.dims; ++d) {
+    const bool hi = (k >> d) & 1;
+    if (d == e) {
+      w *= hi ? 1.f : -1.f;
+    } else {
+      w *= hi ? f.frac[d] : 1.f - f.frac[d];
+    }
+  }
+  return w;
+}
+
+}  // namespace dk
