@@ -26,7 +26,9 @@ def _register(platform: str) -> bool:
         _registered[platform] = False
         return False
     for name, capsule in module.registrations().items():
-        jax.ffi.register_ffi_target(name, capsule, platform="CUDA" if platform == "cuda" else platform)
+        jax.ffi.register_ffi_target(
+            name, capsule, platform="CUDA" if platform == "cuda" else platform
+        )
     _registered[platform] = True
     return True
 

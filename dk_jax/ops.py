@@ -39,8 +39,9 @@ def _use_ffi(implementation: str | None, *arrays: Any) -> bool:
     return False
 
 
-def _depthwise_geometry(x, rotation, weight, offset, kernel_size, stride, padding, dilation,
-                        rotation_groups):
+def _depthwise_geometry(
+    x, rotation, weight, offset, kernel_size, stride, padding, dilation, rotation_groups
+):
     """Checks the arguments of the depthwise ops; returns normalised geometry."""
     arrays = {"x": x, "rotation": rotation, "weight": weight}
     if offset is not None:
@@ -85,8 +86,13 @@ def _depthwise_geometry(x, rotation, weight, offset, kernel_size, stride, paddin
             f"offset must have shape (N, Ho, Wo, Kh*Kw*2) = {(n, ho, wo, kh * kw * 2)}, "
             f"got {tuple(offset.shape)}"
         )
-    return dict(kernel_size=(kh, kw), stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw),
-                rotation_groups=groups)
+    return dict(
+        kernel_size=(kh, kw),
+        stride=(sh, sw),
+        padding=(ph, pw),
+        dilation=(dh, dw),
+        rotation_groups=groups,
+    )
 
 
 def sample_depthwise(
@@ -121,12 +127,19 @@ def sample_depthwise(
     Returns:
       (N, Ho, Wo, C) in the dtype of x; float32 accumulation.
     """
-    geo = _depthwise_geometry(x, rotation, weight, None, kernel_size, stride, padding, dilation,
-                              rotation_groups)
+    geo = _depthwise_geometry(
+        x, rotation, weight, None, kernel_size, stride, padding, dilation, rotation_groups
+    )
     if not _use_ffi(implementation, x, rotation, weight):
         return _xla_sample(x, rotation, weight, **geo)
-    return prims.bind("forward", deformable=False, geometry=_flat(geo),
-                      x=x, rotation=rotation, weight=weight[None])
+    return prims.bind(
+        "forward",
+        deformable=False,
+        geometry=_flat(geo),
+        x=x,
+        rotation=rotation,
+        weight=weight[None],
+    )
 
 
 def deform_sample_depthwise(
@@ -156,12 +169,20 @@ def deform_sample_depthwise(
     Returns:
       (N, Ho, Wo, C) in the dtype of x.
     """
-    geo = _depthwise_geometry(x, rotation, weight, offset, kernel_size, stride, padding,
-                              dilation, rotation_groups)
+    geo = _depthwise_geometry(
+        x, rotation, weight, offset, kernel_size, stride, padding, dilation, rotation_groups
+    )
     if not _use_ffi(implementation, x, offset, rotation, weight):
         return _xla_deform(x, offset, rotation, weight, **geo)
-    return prims.bind("forward", deformable=True, geometry=_flat(geo),
-                      x=x, offset=offset, rotation=rotation, weight=weight[None])
+    return prims.bind(
+        "forward",
+        deformable=True,
+        geometry=_flat(geo),
+        x=x,
+        offset=offset,
+        rotation=rotation,
+        weight=weight[None],
+    )
 
 
 def nd_linear_sample(
@@ -201,5 +222,10 @@ def nd_linear_sample(
 
 
 def _flat(geo: dict) -> tuple[int, ...]:
-    return (*geo["kernel_size"], *geo["stride"], *geo["padding"], *geo["dilation"],
-            geo["rotation_groups"])
+    return (
+        *geo["kernel_size"],
+        *geo["stride"],
+        *geo["padding"],
+        *geo["dilation"],
+        geo["rotation_groups"],
+    )

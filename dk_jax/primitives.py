@@ -190,25 +190,47 @@ def _transpose_rule(mode, role, named, ct, deformable, geometry, aval):
     kw = dict(deformable=deformable, geometry=geometry)
     g = {k: v for k, v in named.items() if k != role}
     if mode == "forward" and role == "x":
-        return bind("grad_image", **kw, cot=ct, **_pick(g, "offset", "rotation", "weight"),
-                    image_shape=aval.shape)
+        return bind(
+            "grad_image",
+            **kw,
+            cot=ct,
+            **_pick(g, "offset", "rotation", "weight"),
+            image_shape=aval.shape,
+        )
     if mode == "forward" and role == "weight":
-        return bind("grad_weight", **kw, cot=ct, **_pick(g, "x", "offset", "rotation"),
-                    weight_shape=aval.shape)
+        return bind(
+            "grad_weight",
+            **kw,
+            cot=ct,
+            **_pick(g, "x", "offset", "rotation"),
+            weight_shape=aval.shape,
+        )
     if mode == "grad_image" and role == "cot":
         return bind("forward", **kw, x=ct, **_pick(g, "offset", "rotation", "weight"))
     if mode == "grad_image" and role == "weight":
-        return bind("grad_weight", **kw, x=ct, **_pick(g, "cot", "offset", "rotation"),
-                    weight_shape=aval.shape)
+        return bind(
+            "grad_weight",
+            **kw,
+            x=ct,
+            **_pick(g, "cot", "offset", "rotation"),
+            weight_shape=aval.shape,
+        )
     if mode == "grad_weight" and role == "cot":
         return bind("forward", **kw, weight=ct, **_pick(g, "x", "offset", "rotation"))
     if mode == "grad_weight" and role == "x":
-        return bind("grad_image", **kw, weight=ct, **_pick(g, "cot", "offset", "rotation"),
-                    image_shape=aval.shape)
+        return bind(
+            "grad_image",
+            **kw,
+            weight=ct,
+            **_pick(g, "cot", "offset", "rotation"),
+            image_shape=aval.shape,
+        )
     if mode == "jvp_rotation" and role == "tangent":
         return bind("grad_rotation", **kw, cot=ct, **_pick(g, "x", "offset", "rotation", "weight"))
     if mode == "grad_rotation" and role == "cot":
-        return bind("jvp_rotation", **kw, tangent=ct, **_pick(g, "x", "offset", "rotation", "weight"))
+        return bind(
+            "jvp_rotation", **kw, tangent=ct, **_pick(g, "x", "offset", "rotation", "weight")
+        )
     if mode == "jvp_offset" and role == "tangent":
         return bind("grad_offset", **kw, cot=ct, **_pick(g, "x", "offset", "rotation", "weight"))
     if mode == "grad_offset" and role == "cot":

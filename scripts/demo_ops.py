@@ -35,20 +35,26 @@ def main():
         ("sample_depthwise", dk_jax.sample_depthwise, (x, rotation, weight)),
         ("deform_sample_depthwise", dk_jax.deform_sample_depthwise, (x, offset, rotation, weight)),
     ]:
-        f = {impl: jax.jit(lambda *a, impl=impl, op=op: op(*a, **geo, implementation=impl))
-             for impl in ("ffi", "xla")}
+        f = {
+            impl: jax.jit(lambda *a, impl=impl, op=op: op(*a, **geo, implementation=impl))
+            for impl in ("ffi", "xla")
+        }
         y_ffi, y_xla = f["ffi"](*args), f["xla"](*args)
         err = float(jnp.abs(y_ffi - y_xla).max() / jnp.abs(y_xla).max())
         g = jax.jit(jax.grad(lambda *a, op=op: jnp.sum(op(*a, **geo) ** 2), argnums=(0, 1)))
-        print(f"{name:24s} ffi {timed(f['ffi'], *args):7.1f} ms  xla {timed(f['xla'], *args):7.1f} ms"
-              f"  fwd+bwd(ffi) {timed(g, *args, repeats=2):7.1f} ms  rel. difference {err:.1e}")
+        print(
+            f"{name:24s} ffi {timed(f['ffi'], *args):7.1f} ms  xla {timed(f['xla'], *args):7.1f} ms"
+            f"  fwd+bwd(ffi) {timed(g, *args, repeats=2):7.1f} ms  rel. difference {err:.1e}"
+        )
 
     data = weight
     coord = jnp.asarray(rng.uniform(-0.5, s - 0.5, size=(k * k, 2)), jnp.float32)
     out = dk_jax.nd_linear_sample(data, coord)
     ref = dk_jax.nd_linear_sample(data, coord, implementation="xla")
-    print(f"nd_linear_sample         {tuple(data.shape)} at {tuple(coord.shape)} -> "
-          f"{tuple(out.shape)}, max |ffi - xla| = {float(jnp.abs(out - ref).max()):.1e}")
+    print(
+        f"nd_linear_sample         {tuple(data.shape)} at {tuple(coord.shape)} -> "
+        f"{tuple(out.shape)}, max |ffi - xla| = {float(jnp.abs(out - ref).max()):.1e}"
+    )
 
 
 if __name__ == "__main__":

@@ -33,16 +33,35 @@ def positions(rng, shape, spread):
     return np.choose(pick, [smooth, integer, half, far])
 
 
-def make_case(rng, *, n=2, h=9, w=8, c=6, k=(3, 3), s=(4, 4), stride=(1, 1), pad=(1, 1),
-              dil=(1, 1), groups=1, spread=1.5, dtype=np.float32):
-    ho, wo = out_size(h, k[0], stride[0], pad[0], dil[0]), out_size(w, k[1], stride[1], pad[1], dil[1])
+def make_case(
+    rng,
+    *,
+    n=2,
+    h=9,
+    w=8,
+    c=6,
+    k=(3, 3),
+    s=(4, 4),
+    stride=(1, 1),
+    pad=(1, 1),
+    dil=(1, 1),
+    groups=1,
+    spread=1.5,
+    dtype=np.float32,
+):
+    ho, wo = (
+        out_size(h, k[0], stride[0], pad[0], dil[0]),
+        out_size(w, k[1], stride[1], pad[1], dil[1]),
+    )
     x = rng.normal(size=(n, h, w, c))
     weight = rng.normal(size=(*s, c))
     rotation = positions(rng, (n, ho, wo, groups * k[0] * k[1] * 2), spread)
     offset = positions(rng, (n, ho, wo, k[0] * k[1] * 2), spread)
     cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
     geometry = dict(kernel_size=k, stride=stride, padding=pad, dilation=dil, rotation_groups=groups)
-    return dict(x=cast(x), weight=cast(weight), rotation=cast(rotation), offset=cast(offset)), geometry
+    return dict(
+        x=cast(x), weight=cast(weight), rotation=cast(rotation), offset=cast(offset)
+    ), geometry
 
 
 # A randomised matrix of geometries: every value of each axis of variation appears.
@@ -111,12 +130,15 @@ def test_low_precision_agrees_with_float32(rng, dtype, tol):
     assert low.dtype == dtype
     assert rel_err(low.astype(jnp.float32), ref) <= tol
     low = dk_jax.sample_depthwise(a["x"], a["rotation"], a["weight"], **geo, implementation="ffi")
-    ref = dk_jax.sample_depthwise(up["x"], up["rotation"], up["weight"], **geo, implementation="xla")
+    ref = dk_jax.sample_depthwise(
+        up["x"], up["rotation"], up["weight"], **geo, implementation="xla"
+    )
     assert rel_err(low.astype(jnp.float32), ref) <= tol
     data, coord = a["x"][0], jnp.abs(a["rotation"][0, 0, :, :2]) * 2
     low = dk_jax.nd_linear_sample(data, coord, implementation="ffi")
-    ref = dk_jax.nd_linear_sample(data.astype(jnp.float32), coord.astype(jnp.float32),
-                                  implementation="xla")
+    ref = dk_jax.nd_linear_sample(
+        data.astype(jnp.float32), coord.astype(jnp.float32), implementation="xla"
+    )
     assert low.dtype == dtype and rel_err(low.astype(jnp.float32), ref) <= tol
 
 
@@ -124,13 +146,16 @@ def test_low_precision_agrees_with_float32(rng, dtype, tol):
 
 
 def smooth_case(rng, deform, groups=2):
-    """A small case whose sample positions stay away from integers (finite differences)."""
-    a, geo = make_case(rng, n=2, h=5, w=4, c=4, k=(3, 2), s=(4, 4), groups=groups, pad=(1, 1))
+    """A small case whose sample positions stay away from integers (finite differences): the
+    scope exceeds the kernel by an even amount, so positions are integer + rotation."""
+    a, geo = make_case(rng, n=2, h=5, w=4, c=4, k=(3, 2), s=(5, 4), groups=groups, pad=(1, 1))
     shape_r, shape_o = a["rotation"].shape, a["offset"].shape
-    a["rotation"] = jnp.asarray(rng.uniform(0.2, 0.8, shape_r) * rng.choice([-1, 1], shape_r),
-                                jnp.float32)
-    a["offset"] = jnp.asarray(rng.uniform(0.2, 0.8, shape_o) * rng.choice([-1, 1], shape_o),
-                              jnp.float32)
+    a["rotation"] = jnp.asarray(
+        rng.uniform(0.2, 0.8, shape_r) * rng.choice([-1, 1], shape_r), jnp.float32
+    )
+    a["offset"] = jnp.asarray(
+        rng.uniform(0.2, 0.8, shape_o) * rng.choice([-1, 1], shape_o), jnp.float32
+    )
     return a, geo
 
 
@@ -145,6 +170,7 @@ def test_check_grads_every_argument(rng, deform):
         op = dk_jax.sample_depthwise
     args = [a[k] for k in names]
     for i, _ in enumerate(names):
+
         def f(arg, i=i):
             full = list(args)
             full[i] = arg
@@ -224,12 +250,19 @@ def test_grad_lowers_to_custom_calls_only(rng, deform):
     names = ("x", "offset", "rotation", "weight") if deform else ("x", "rotation", "weight")
     op = dk_jax.deform_sample_depthwise if deform else dk_jax.sample_depthwise
     loss = lambda *args: jnp.sin(op(*args, **geo, implementation="ffi")).sum()  # noqa: E731
-    hlo = jax.jit(jax.grad(loss, argnums=tuple(range(len(names))))).lower(
-        *[a[k] for k in names]).as_text()
+    hlo = (
+        jax.jit(jax.grad(loss, argnums=tuple(range(len(names)))))
+        .lower(*[a[k] for k in names])
+        .as_text()
+    )
     kind = "deform" if deform else "sample"
-    expected = {f"dk_{kind}_forward", f"dk_{kind}_grad_image", f"dk_{kind}_grad_weight",
-                f"dk_{kind}_grad_rotation"} | ({"dk_deform_grad_offset"} if deform else set())
-    found = set(t for t in expected if f'custom_call @{t}(' in hlo or f'@{t}(' in hlo)
+    expected = {
+        f"dk_{kind}_forward",
+        f"dk_{kind}_grad_image",
+        f"dk_{kind}_grad_weight",
+        f"dk_{kind}_grad_rotation",
+    } | ({"dk_deform_grad_offset"} if deform else set())
+    found = set(t for t in expected if f"custom_call @{t}(" in hlo or f"@{t}(" in hlo)
     assert found == expected
     # No gathers, scatters, convolutions or dots: the op's work is all in the custom calls.
     for op_name in ("gather", "scatter", "convolution", "dot_general", "floor"):
@@ -253,8 +286,12 @@ def test_vmap_every_combination_matches_loop(rng, deform):
         args = [batched[k] if m else a[k] for k, m in zip(names, mask, strict=True)]
         axes = [0 if m else None for m in mask]
         got = jax.vmap(f, in_axes=axes)(*args)
-        want = jnp.stack([f(*[arg[b] if m else arg for arg, m in zip(args, mask, strict=True)])
-                          for b in range(batch)])
+        want = jnp.stack(
+            [
+                f(*[arg[b] if m else arg for arg, m in zip(args, mask, strict=True)])
+                for b in range(batch)
+            ]
+        )
         assert rel_err(got, want) <= 1e-6, mask
 
 
@@ -264,16 +301,20 @@ def test_vmap_gradients_and_nested(rng):
     xs = jnp.asarray(rng.normal(size=(2, 3, *a["x"].shape)), jnp.float32)
     ws = jnp.asarray(rng.normal(size=(3, *a["weight"].shape)), jnp.float32)
     # Nested vmap, the inner over x and weight, the outer over x only.
-    got = jax.vmap(jax.vmap(f, in_axes=(0, None, 0)), in_axes=(0, None, None))(xs, a["rotation"], ws)
-    want = jnp.stack([jnp.stack([f(xs[i, j], a["rotation"], ws[j]) for j in range(3)])
-                      for i in range(2)])
+    got = jax.vmap(jax.vmap(f, in_axes=(0, None, 0)), in_axes=(0, None, None))(
+        xs, a["rotation"], ws
+    )
+    want = jnp.stack(
+        [jnp.stack([f(xs[i, j], a["rotation"], ws[j]) for j in range(3)]) for i in range(2)]
+    )
     assert rel_err(got, want) <= 1e-6
     # Per-example gradients (vmap of grad): the batched backward primitives.
     g = jax.vmap(jax.grad(lambda x, r, w: f(x, r, w).sum(), argnums=(1, 2)), in_axes=(0, None, 0))
     gr, gw = g(xs[0], a["rotation"], ws)
     for j in range(3):
         wr, ww = jax.grad(lambda x, r, w: f(x, r, w).sum(), argnums=(1, 2))(
-            xs[0, j], a["rotation"], ws[j])
+            xs[0, j], a["rotation"], ws[j]
+        )
         assert rel_err(gr[j], wr) <= 1e-6 and rel_err(gw[j], ww) <= 1e-6
 
 
@@ -284,8 +325,12 @@ def test_vmap_nd_linear_sample(rng):
     for axes in [(0, None), (None, 0), (0, 0)]:
         args = [data if axes[0] == 0 else data[0], coord if axes[1] == 0 else coord[0]]
         got = jax.vmap(f, in_axes=axes)(*args)
-        want = jnp.stack([f(args[0][b] if axes[0] == 0 else args[0],
-                            args[1][b] if axes[1] == 0 else args[1]) for b in range(3)])
+        want = jnp.stack(
+            [
+                f(args[0][b] if axes[0] == 0 else args[0], args[1][b] if axes[1] == 0 else args[1])
+                for b in range(3)
+            ]
+        )
         assert rel_err(got, want) <= 1e-6
     got = jax.vmap(jax.vmap(f))(data[None].repeat(2, 0), coord[None].repeat(2, 0))
     assert rel_err(got[1], jax.vmap(f)(data, coord)) <= 1e-6
@@ -295,9 +340,18 @@ def test_jit_and_default_implementation_use_ffi(rng):
     a, geo = make_case(rng)
     f = jax.jit(lambda x, r, w: dk_jax.sample_depthwise(x, r, w, **geo))
     assert "dk_sample_forward" in f.lower(a["x"], a["rotation"], a["weight"]).as_text()
-    ref = reference.sample_depthwise(a["x"], a["rotation"], a["weight"], **{
-        "kernel_size": geo["kernel_size"], "stride": geo["stride"], "padding": geo["padding"],
-        "dilation": geo["dilation"], "rotation_groups": geo["rotation_groups"]})
+    ref = reference.sample_depthwise(
+        a["x"],
+        a["rotation"],
+        a["weight"],
+        **{
+            "kernel_size": geo["kernel_size"],
+            "stride": geo["stride"],
+            "padding": geo["padding"],
+            "dilation": geo["dilation"],
+            "rotation_groups": geo["rotation_groups"],
+        },
+    )
     assert rel_err(f(a["x"], a["rotation"], a["weight"]), ref) <= 1e-5
 
 
@@ -306,11 +360,13 @@ def test_jit_and_default_implementation_use_ffi(rng):
 
 def test_empty_batch(rng):
     a, geo = make_case(rng, n=0)
-    y = dk_jax.deform_sample_depthwise(a["x"], a["offset"], a["rotation"], a["weight"], **geo,
-                                       implementation="ffi")
+    y = dk_jax.deform_sample_depthwise(
+        a["x"], a["offset"], a["rotation"], a["weight"], **geo, implementation="ffi"
+    )
     assert y.shape == (0, 9, 8, 6)
     gw = jax.grad(lambda w: dk_jax.sample_depthwise(a["x"], a["rotation"], w, **geo).sum())(
-        a["weight"])
+        a["weight"]
+    )
     assert gw.shape == a["weight"].shape and not np.asarray(gw).any()
 
 
@@ -321,15 +377,22 @@ def test_inf_offsets_read_zero_and_nan_poisons(rng):
         y = dk_jax.sample_depthwise(a["x"], rot, a["weight"], **geo, implementation="ffi")
         assert np.array_equal(np.asarray(y), np.zeros(y.shape))
         off = jnp.full_like(a["offset"], bad)
-        y = dk_jax.deform_sample_depthwise(a["x"], off, a["rotation"], a["weight"], **geo,
-                                           implementation="ffi")
+        y = dk_jax.deform_sample_depthwise(
+            a["x"], off, a["rotation"], a["weight"], **geo, implementation="ffi"
+        )
         assert np.array_equal(np.asarray(y), np.zeros(y.shape))
-        grads = jax.grad(lambda o, r: dk_jax.deform_sample_depthwise(
-            a["x"], o, r, a["weight"], **geo, implementation="ffi").sum(), (0, 1))(off, rot)
+        grads = jax.grad(
+            lambda o, r: dk_jax.deform_sample_depthwise(
+                a["x"], o, r, a["weight"], **geo, implementation="ffi"
+            ).sum(),
+            (0, 1),
+        )(off, rot)
         assert all(np.array_equal(np.asarray(g), np.zeros(g.shape)) for g in grads)
     rot = a["rotation"].at[0, 2, 3, 4].set(jnp.nan)  # tap (0, 2) of location (0, 2, 3)
     y = np.asarray(dk_jax.sample_depthwise(a["x"], rot, a["weight"], **geo, implementation="ffi"))
-    assert np.isnan(y[0, 2, 3]).all() and np.isfinite(np.delete(y.reshape(-1, 6), 2 * 8 + 3, 0)).all()
+    assert (
+        np.isnan(y[0, 2, 3]).all() and np.isfinite(np.delete(y.reshape(-1, 6), 2 * 8 + 3, 0)).all()
+    )
     coord = jnp.array([[np.nan, 1.0], [np.inf, 1.0], [-np.inf, 0.0], [1.0, 1.0]], jnp.float32)
     out = np.asarray(dk_jax.nd_linear_sample(a["weight"], coord, implementation="ffi"))
     assert np.isnan(out[0]).all() and not out[1:3].any() and np.isfinite(out[3]).all()
@@ -344,29 +407,49 @@ def bad_calls(a, geo):
         ("rotation must have shape", ValueError, lambda: sd(x, rot[:1], w, **geo)),
         ("rotation must have shape", ValueError, lambda: sd(x, rot[:, :-1], w, **geo)),
         ("weight has 5 channels", ValueError, lambda: sd(x, rot, w[..., :5], **geo)),
-        ("divisible by rotation_groups", ValueError,
-         lambda: sd(x, rot, w, **dict(geo, rotation_groups=4))),
+        (
+            "divisible by rotation_groups",
+            ValueError,
+            lambda: sd(x, rot, w, **dict(geo, rotation_groups=4)),
+        ),
         ("smaller than kernel_size", ValueError, lambda: sd(x, rot, w, **dict(geo, kernel_size=5))),
         ("stride must be >= 1", ValueError, lambda: sd(x, rot, w, **dict(geo, stride=0))),
         ("stride must be >= 1", ValueError, lambda: sd(x, rot, w, **dict(geo, stride=(1, -1)))),
         ("dilation must be >= 1", ValueError, lambda: sd(x, rot, w, **dict(geo, dilation=0))),
         ("padding must be >= 0", ValueError, lambda: sd(x, rot, w, **dict(geo, padding=-1))),
-        ("kernel_size must be an int or a pair", TypeError,
-         lambda: sd(x, rot, w, **dict(geo, kernel_size=(3, 3, 3)))),
+        (
+            "kernel_size must be an int or a pair",
+            TypeError,
+            lambda: sd(x, rot, w, **dict(geo, kernel_size=(3, 3, 3))),
+        ),
         ("share one dtype", TypeError, lambda: sd(x, rot.astype(jnp.bfloat16), w, **geo)),
-        ("x must be float32, bfloat16 or float16", TypeError,
-         lambda: sd(x.astype(jnp.int32), rot, w, **geo)),
+        (
+            "x must be float32, bfloat16 or float16",
+            TypeError,
+            lambda: sd(x.astype(jnp.int32), rot, w, **geo),
+        ),
         ("implementation must be", ValueError, lambda: sd(x, rot, w, **geo, implementation="cuda")),
-        ("offset must have shape", ValueError,
-         lambda: dk_jax.deform_sample_depthwise(x, off[..., :4], rot, w, **geo)),
-        ("offset must have rank 4", ValueError,
-         lambda: dk_jax.deform_sample_depthwise(x, off[0], rot, w, **geo)),
-        ("coord must have shape", ValueError,
-         lambda: dk_jax.nd_linear_sample(w, jnp.zeros((3, 3), jnp.float32))),
-        ("coord must be float32", TypeError,
-         lambda: dk_jax.nd_linear_sample(w, jnp.zeros((3, 2), jnp.int32))),
-        ("output would be empty", ValueError,
-         lambda: sd(x[:, :2], rot, w, **dict(geo, padding=0))),
+        (
+            "offset must have shape",
+            ValueError,
+            lambda: dk_jax.deform_sample_depthwise(x, off[..., :4], rot, w, **geo),
+        ),
+        (
+            "offset must have rank 4",
+            ValueError,
+            lambda: dk_jax.deform_sample_depthwise(x, off[0], rot, w, **geo),
+        ),
+        (
+            "coord must have shape",
+            ValueError,
+            lambda: dk_jax.nd_linear_sample(w, jnp.zeros((3, 3), jnp.float32)),
+        ),
+        (
+            "coord must be float32",
+            TypeError,
+            lambda: dk_jax.nd_linear_sample(w, jnp.zeros((3, 2), jnp.int32)),
+        ),
+        ("output would be empty", ValueError, lambda: sd(x[:, :2], rot, w, **dict(geo, padding=0))),
     ]
 
 
