@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "xla/ffi/api/ffi.h"
+#include "dk_math.h"
 #include "dk_types.h"
 
 namespace dk {
@@ -34,17 +35,6 @@ constexpr bool takes_cot(Mode m) {
 constexpr bool takes_x(Mode m) { return m != Mode::kGradImage; }
 constexpr bool takes_weight(Mode m) { return m != Mode::kGradWeight; }
 constexpr bool takes_tangent(Mode m) { return m == Mode::kJvpRotation || m == Mode::kJvpOffset; }
-
-// Sizes of one depthwise problem. Weight may be shared (Nw = 1) or per sample (Nw = N).
-struct Problem {
-  int64_t N, H, W, C;
-  int64_t Ho, Wo;
-  int64_t Kh, Kw, Sh, Sw;
-  int64_t sh, sw, ph, pw, dh, dw;
-  int64_t G, Nw;
-  int64_t taps() const { return Kh * Kw; }
-  int64_t scope() const { return Sh * Sw; }
-};
 
 template <typename T>
 struct Operands {
@@ -151,18 +141,6 @@ inline ffi::Error read_dk_call(Mode mode, bool deform, const ffi::RemainingArgs&
   call->out_elements = int64_t(result.element_count());
   return ffi::Error::Success();
 }
-
-// nd_linear_sample: data (Nb, *S, C), coord (Nb, M, D).
-struct NdProblem {
-  int64_t Nb, M, C;
-  int dims;
-  int64_t shape[8];
-  int64_t spatial() const {
-    int64_t s = 1;
-    for (int d = 0; d < dims; ++d) s *= shape[d];
-    return s;
-  }
-};
 
 inline ffi::Error read_nd_problem(ffi::AnyBuffer data_like, ffi::AnyBuffer coord, NdProblem* p) {
   const auto dd = data_like.dimensions();

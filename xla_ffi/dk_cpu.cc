@@ -11,6 +11,7 @@
 
 #include "dk_common.h"
 #include "dk_math.h"
+#include "dk_targets.h"
 
 namespace dk {
 namespace {
@@ -107,15 +108,7 @@ void dk_row(const Problem& p, const Operands<T>& A, const T* zero_row, int64_t n
     for (int64_t a = 0; a < p.Kh; ++a) {
       for (int64_t b = 0; b < p.Kw; ++b) {
         const int64_t tap = a * p.Kw + b;
-        const int64_t hp = image_position(i, a, p.sh, p.ph, p.dh);
-        const int64_t wp = image_position(j, b, p.sw, p.pw, p.dw);
-        Footprint img;
-        if (kDeform) {
-          img = bilinear_footprint(float(hp) + to_float(off[2 * tap]),
-                                   float(wp) + to_float(off[2 * tap + 1]), p.H, p.W);
-        } else {
-          img = point_footprint(hp, wp, p.H, p.W);
-        }
+        const Footprint img = image_footprint<kDeform>(p, off, i, j, a, b);
         const T* xr[4];
         float* gxr[4];
         for (int k = 0; k < NI; ++k) {
@@ -129,9 +122,7 @@ void dk_row(const Problem& p, const Operands<T>& A, const T* zero_row, int64_t n
 
         for (int64_t g = 0; g < G; ++g) {
           const int64_t r = (g * taps + tap) * 2;
-          const Footprint kf =
-              bilinear_footprint(scope_position(a, to_float(rot[r]), p.Kh, p.Sh),
-                                 scope_position(b, to_float(rot[r + 1]), p.Kw, p.Sw), p.Sh, p.Sw);
+          const Footprint kf = kernel_footprint(p, rot, a, b, g);
           const T* wr[4];
           float* gwr[4];
           for (int k = 0; k < 4; ++k) {
@@ -311,13 +302,6 @@ ffi::Error dk_handler(ffi::ThreadPool pool, ffi::RemainingArgs args,
 
 enum class NdMode { kForward, kGradData, kJvpCoord, kGradCoord };
 
-template <typename T>
-NdFootprint nd_point(const NdProblem& p, const T* coord, int64_t point) {
-  float pos[kMaxDims];
-  for (int d = 0; d < p.dims; ++d) pos[d] = to_float(coord[point * p.dims + d]);
-  return nd_footprint(pos, p.shape, p.dims);
-}
-
 template <NdMode M, typename T>
 ffi::Error nd_run(ffi::ThreadPool* pool, const NdProblem& p, const T* lhs, const T* coord,
                   const T* tangent, T* out) {
@@ -342,7 +326,7 @@ ffi::Error nd_run(ffi::ThreadPool* pool, const NdProblem& p, const T* lhs, const
       float* g = gd + nb * V * C;
       for (int64_t m = 0; m < p.M; ++m) {
         const int64_t point = nb * p.M + m;
-        const NdFootprint f = nd_point(p, coord, point);
+        const NdFootprint f = nd_point_footprint(p, coord, point);
         const T* go = lhs + point * C;
         for (int k = 0; k < nd_corner_count(f); ++k) {
           const int64_t idx = nd_corner_index(f, k, p.shape);
@@ -362,7 +346,7 @@ ffi::Error nd_run(ffi::ThreadPool* pool, const NdProblem& p, const T* lhs, const
     auto [q0, q1] = chunk_range(points, n_chunks, chunk);
     for (int64_t point = q0; point < q1; ++point) {
       const int64_t nb = point / p.M;
-      const NdFootprint f = nd_point(p, coord, point);
+      const NdFootprint f = nd_point_footprint(p, coord, point);
       const T* data = lhs + nb * V * C;
       if (M == NdMode::kGradCoord) {
         const T* go = tangent + point * C;
@@ -439,6 +423,8 @@ ffi::Error nd_handler(ffi::ThreadPool pool, ffi::RemainingArgs args,
 }  // namespace dk
 
 namespace ffi = xla::ffi;
+
+DK_TARGETS(DK_DECLARE_CPU)
 
 #define DK_CPU_HANDLER(name, mode, deform)                                                  \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (dk::dk_handler<dk::Mode::mode, deform>),            \

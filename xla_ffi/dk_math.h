@@ -94,6 +94,39 @@ DK_HD int64_t image_position(int64_t i, int64_t a, int64_t stride, int64_t pad, 
   return i * stride - pad + a * dil;
 }
 
+// Sizes of one depthwise problem. Weight may be shared (Nw = 1) or per sample (Nw = N).
+struct Problem {
+  int64_t N, H, W, C;
+  int64_t Ho, Wo;
+  int64_t Kh, Kw, Sh, Sw;
+  int64_t sh, sw, ph, pw, dh, dw;
+  int64_t G, Nw;
+  DK_HD int64_t taps() const { return Kh * Kw; }
+  DK_HD int64_t scope() const { return Sh * Sw; }
+};
+
+// Footprint on the scope of kernel tap (a, b) for rotation group g, at a location whose
+// rotations start at `rot` (index ((g*Kh + a)*Kw + b)*2 + t).
+template <typename T>
+DK_HD Footprint kernel_footprint(const Problem& p, const T* rot, int64_t a, int64_t b, int64_t g) {
+  const int64_t r = ((g * p.Kh + a) * p.Kw + b) * 2;
+  return bilinear_footprint(scope_position(a, to_float(rot[r]), p.Kh, p.Sh),
+                            scope_position(b, to_float(rot[r + 1]), p.Kw, p.Sw), p.Sh, p.Sw);
+}
+
+// Footprint on the image plane of tap (a, b) at output (i, j): a single point for rigid taps,
+// a bilinear read shifted by offset[(a*Kw + b)*2 + t] for deformable ones.
+template <bool kDeform, typename T>
+DK_HD Footprint image_footprint(const Problem& p, const T* off, int64_t i, int64_t j, int64_t a,
+                                int64_t b) {
+  const int64_t hp = image_position(i, a, p.sh, p.ph, p.dh);
+  const int64_t wp = image_position(j, b, p.sw, p.pw, p.dw);
+  if (!kDeform) return point_footprint(hp, wp, p.H, p.W);
+  const int64_t tap = a * p.Kw + b;
+  return bilinear_footprint(float(hp) + to_float(off[2 * tap]),
+                            float(wp) + to_float(off[2 * tap + 1]), p.H, p.W);
+}
+
 // Blend of channel c of the NC corners of a footprint over rows of channel values:
 // sum_k weight[k] * row[k][c]. Rows of absent corners point at a zero row and carry weight 0.
 template <int NC, typename T>
@@ -179,6 +212,26 @@ DK_HD float nd_corner_weight(const NdFootprint& f, int k, int e) {
     }
   }
   return w;
+}
+
+// nd_linear_sample: data (Nb, *S, C), coord (Nb, M, D).
+struct NdProblem {
+  int64_t Nb, M, C;
+  int dims;
+  int64_t shape[8];
+  DK_HD int64_t spatial() const {
+    int64_t s = 1;
+    for (int d = 0; d < dims; ++d) s *= shape[d];
+    return s;
+  }
+};
+
+// Footprint of point `point` (of Nb*M) whose D coordinates start at coord + point * D.
+template <typename T>
+DK_HD NdFootprint nd_point_footprint(const NdProblem& p, const T* coord, int64_t point) {
+  float pos[kMaxDims];
+  for (int d = 0; d < p.dims; ++d) pos[d] = to_float(coord[point * p.dims + d]);
+  return nd_footprint(pos, p.shape, p.dims);
 }
 
 }  // namespace dk

@@ -3,7 +3,7 @@
 // for the CUDA handlers (DK_PLATFORM_CUDA), so the CUDA module only exists where it was built.
 #include <pybind11/pybind11.h>
 
-#include "xla/ffi/api/c_api.h"
+#include "dk_targets.h"
 
 #if defined(DK_PLATFORM_CUDA)
 #define DK_SUFFIX(name) name##_cuda
@@ -13,26 +13,11 @@
 #define DK_MODULE _dk_cpu
 #endif
 
-#define DK_TARGETS(X)       \
-  X(dk_sample_forward)      \
-  X(dk_sample_grad_image)   \
-  X(dk_sample_grad_weight)  \
-  X(dk_sample_jvp_rotation) \
-  X(dk_sample_grad_rotation) \
-  X(dk_deform_forward)      \
-  X(dk_deform_grad_image)   \
-  X(dk_deform_grad_weight)  \
-  X(dk_deform_jvp_rotation) \
-  X(dk_deform_grad_rotation) \
-  X(dk_deform_jvp_offset)   \
-  X(dk_deform_grad_offset)  \
-  X(dk_nd_forward)          \
-  X(dk_nd_grad_data)        \
-  X(dk_nd_jvp_coord)        \
-  X(dk_nd_grad_coord)
-
-#define DK_DECLARE(name) extern "C" XLA_FFI_Error* DK_SUFFIX(name)(XLA_FFI_CallFrame*);
-DK_TARGETS(DK_DECLARE)
+#if defined(DK_PLATFORM_CUDA)
+DK_TARGETS(DK_DECLARE_CUDA)
+#else
+DK_TARGETS(DK_DECLARE_CPU)
+#endif
 
 namespace py = pybind11;
 

@@ -1,0 +1,1 @@
+"""Benchmarks of dk-jax: `python -m benchmarks.ops`, `python -m benchmarks.models`."""

@@ -1,0 +1,345 @@
+"""Operator benchmarks: the ffi path against the xla reference, the rigid depthwise floor and
+torchvision's deform_conv2d, forward and forward+backward, with compiled temporary memory.
+
+    python -m benchmarks.ops                  # all cases, JSON to stdout-adjacent file
+    python -m benchmarks.ops --quick          # the standard shape only
+    python -m benchmarks.ops --json out.json  # where to write the results
+
+Times are medians over repeated runs after warm-up (block_until_ready), milliseconds. Every
+row of one run is measured in the same process, side by side, so ratios are meaningful even
+on a noisy machine. Forward+backward is the gradient of <y, ct> in every floating argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import dk_jax
+
+try:  # optional peers
+    import torch
+    import torchvision
+except ImportError:  # pragma: no cover - torch is an optional extra
+    torch = None
+    torchvision = None
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    n: int = 8
+    hw: int = 56
+    c: int = 128
+    k: int = 3
+    scope: int = 4
+    stride: int = 1
+    pad: int = 1
+    groups: int = 1
+
+
+CASES = [
+    Case("standard"),
+    Case("stride 2", stride=2),
+    Case("C=32", c=32),
+    Case("C=512", c=512),
+    Case("rotation groups 4", groups=4),
+]
+SWEEP = [1, 2, 4, 8, 16, 32, 64]
+
+
+def median_ms(fn, *args, repeats, warmup=2):
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def temp_mb(fn, *args):
+    try:
+        mem = jax.jit(fn).lower(*args).compile().memory_analysis()
+        return mem.temp_size_in_bytes / 2**20
+    except Exception:  # noqa: BLE001 - some backends do not report it
+        return float("nan")
+
+
+def rigid_slices(x, w, stride, pad):
+    """Depthwise KxK conv as XLA's fused sum of shifted slices: the floor on CPU."""
+    k = w.shape[0]
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    ho = (x.shape[1] + 2 * pad - k) // stride + 1
+    wo = (x.shape[2] + 2 * pad - k) // stride + 1
+    y = 0
+    for a in range(k):
+        for b in range(k):
+            tap = lax.slice(
+                xp,
+                (0, a, b, 0),
+                (x.shape[0], a + (ho - 1) * stride + 1, b + (wo - 1) * stride + 1, x.shape[3]),
+                (1, stride, stride, 1),
+            )
+            y = y + tap * w[a, b]
+    return y
+
+
+def rigid_conv(x, w, stride, pad):
+    c = x.shape[-1]
+    return lax.conv_general_dilated(
+        x,
+        w[:, :, None, :],
+        (stride, stride),
+        [(pad, pad)] * 2,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=c,
+    )
+
+
+def fwd_bwd(f, nargs):
+    """jit(grad of <f(*args), ct>) in the first nargs arguments."""
+
+    def loss(ct, *args):
+        return jnp.vdot(ct, f(*args))
+
+    return jax.jit(lambda ct, *args: jax.grad(loss, argnums=tuple(range(1, nargs + 1)))(ct, *args))
+
+
+def run_case(case: Case, repeats: int, torch_device: str | None, dtype=jnp.float32):
+    rng = np.random.default_rng(0)
+    n, hw, c, k, s = case.n, case.hw, case.c, case.k, case.scope
+    ho = (hw + 2 * case.pad - k) // case.stride + 1
+    x = jnp.asarray(rng.normal(size=(n, hw, hw, c)), dtype)
+    w_scope = jnp.asarray(rng.normal(size=(s, s, c)), dtype)
+    w_rigid = jnp.asarray(rng.normal(size=(k, k, c)), dtype)
+    rot = jnp.asarray(rng.normal(size=(n, ho, ho, case.groups * k * k * 2)) * 0.5, dtype)
+    off = jnp.asarray(rng.normal(size=(n, ho, ho, k * k * 2)) * 0.5, dtype)
+    ct = jnp.asarray(rng.normal(size=(n, ho, ho, c)), dtype)
+    geo = dict(kernel_size=k, stride=case.stride, padding=case.pad, rotation_groups=case.groups)
+    dcn_geo = dict(kernel_size=k, stride=case.stride, padding=case.pad)
+    zero_rot = jnp.zeros((n, ho, ho, k * k * 2), dtype)
+
+    rows = {}
+
+    def add(name, f, args):
+        jf = jax.jit(f)
+        g = fwd_bwd(f, len(args))
+        rows[name] = dict(
+            fwd_ms=median_ms(jf, *args, repeats=repeats),
+            fwd_bwd_ms=median_ms(g, ct, *args, repeats=max(3, repeats // 2)),
+            fwd_temp_mb=temp_mb(f, *args),
+            fwd_bwd_temp_mb=temp_mb(lambda *a: g(ct, *a), *args),
+        )
+
+    add(
+        "local DK ffi",
+        lambda x, r, w: dk_jax.sample_depthwise(x, r, w, **geo, implementation="ffi"),
+        (x, rot, w_scope),
+    )
+    add(
+        "local DK xla",
+        lambda x, r, w: dk_jax.sample_depthwise(x, r, w, **geo, implementation="xla"),
+        (x, rot, w_scope),
+    )
+    add(
+        "DK+DCN ffi",
+        lambda x, o, r, w: dk_jax.deform_sample_depthwise(x, o, r, w, **geo, implementation="ffi"),
+        (x, off, rot, w_scope),
+    )
+    add(
+        "DCN ffi (zero rotation, S=K)",
+        lambda x, o, w: dk_jax.deform_sample_depthwise(
+            x, o, zero_rot, w, **dcn_geo, implementation="ffi"
+        ),
+        (x, off, w_rigid),
+    )
+    add(
+        "rigid: XLA shifted slices",
+        lambda x, w: rigid_slices(x, w, case.stride, case.pad),
+        (x, w_rigid),
+    )
+    add(
+        "rigid: lax.conv_general_dilated",
+        lambda x, w: rigid_conv(x, w, case.stride, case.pad),
+        (x, w_rigid),
+    )
+    if torch is not None and torch_device is not None:
+        rows.update(torch_rows(case, x, off, w_rigid, ct, repeats, torch_device))
+    return rows
+
+
+def torch_rows(case, x, off, w_rigid, ct, repeats, device):
+    """torch depthwise conv2d and torchvision deform_conv2d (groups=C), NCHW."""
+    tx = torch.tensor(np.asarray(x, np.float32)).permute(0, 3, 1, 2).contiguous().to(device)
+    tw = (
+        torch.tensor(np.asarray(w_rigid, np.float32))
+        .permute(2, 0, 1)[:, None]
+        .contiguous()
+        .to(device)
+    )
+    toff = torch.tensor(np.asarray(off, np.float32)).permute(0, 3, 1, 2).contiguous().to(device)
+    tct = torch.tensor(np.asarray(ct, np.float32)).permute(0, 3, 1, 2).contiguous().to(device)
+    c = case.c
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn, reps):
+        for _ in range(2):
+            fn()
+        sync()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    def conv():
+        return torch.nn.functional.conv2d(tx, tw, stride=case.stride, padding=case.pad, groups=c)
+
+    def dcn():
+        return torchvision.ops.deform_conv2d(tx, toff, tw, stride=case.stride, padding=case.pad)
+
+    def backward(f):
+        def run():
+            a, b, o = tx.detach().requires_grad_(), tw.detach().requires_grad_(), None
+            if f is dcn:
+                o = toff.detach().requires_grad_()
+                y = torchvision.ops.deform_conv2d(a, o, b, stride=case.stride, padding=case.pad)
+            else:
+                y = torch.nn.functional.conv2d(a, b, stride=case.stride, padding=case.pad, groups=c)
+            (y * tct).sum().backward()
+
+        return run
+
+    rows = {}
+    with torch.no_grad():
+        conv_fwd = timed(conv, repeats)
+        dcn_fwd = timed(dcn, max(3, repeats // 4))
+    rows["rigid: torch conv2d (groups=C)"] = dict(
+        fwd_ms=conv_fwd, fwd_bwd_ms=timed(backward(conv), repeats)
+    )
+    rows["DCN torchvision deform_conv2d (groups=C)"] = dict(
+        fwd_ms=dcn_fwd, fwd_bwd_ms=timed(backward(dcn), max(3, repeats // 4))
+    )
+    return rows
+
+
+def sweep(repeats):
+    out = {}
+    for n in SWEEP:
+        case = Case(f"N={n}", n=n)
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.normal(size=(n, 56, 56, 128)), jnp.float32)
+        w = jnp.asarray(rng.normal(size=(4, 4, 128)), jnp.float32)
+        wr = jnp.asarray(rng.normal(size=(3, 3, 128)), jnp.float32)
+        rot = jnp.asarray(rng.normal(size=(n, 56, 56, 18)) * 0.5, jnp.float32)
+        ct = jnp.asarray(rng.normal(size=(n, 56, 56, 128)), jnp.float32)
+
+        def dk(x, r, w):
+            return dk_jax.sample_depthwise(x, r, w, kernel_size=3, padding=1, implementation="ffi")
+
+        floor = lambda x, w: rigid_slices(x, w, 1, 1)  # noqa: E731
+        out[case.name] = {
+            "local DK ffi": dict(
+                fwd_ms=median_ms(jax.jit(dk), x, rot, w, repeats=repeats),
+                fwd_bwd_ms=median_ms(fwd_bwd(dk, 3), ct, x, rot, w, repeats=max(3, repeats // 2)),
+            ),
+            "rigid: XLA shifted slices": dict(
+                fwd_ms=median_ms(jax.jit(floor), x, wr, repeats=repeats),
+                fwd_bwd_ms=median_ms(fwd_bwd(floor, 2), ct, x, wr, repeats=max(3, repeats // 2)),
+            ),
+        }
+    return out
+
+
+def environment():
+    env = dict(
+        python=platform.python_version(),
+        jax=jax.__version__,
+        machine=platform.machine(),
+        processor=platform.processor() or "unknown",
+        cpus=os.cpu_count(),
+        devices=[str(d) for d in jax.devices()],
+        dk_jax_num_threads=os.environ.get("DK_JAX_NUM_THREADS"),
+    )
+    try:
+        with open("/proc/cpuinfo") as f:
+            env["cpu_model"] = next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
+    except (OSError, StopIteration):
+        pass
+    if torch is not None:
+        env["torch"] = torch.__version__
+        env["torchvision"] = torchvision.__version__
+        env["torch_threads"] = torch.get_num_threads()
+    return env
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the standard shape only")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the batch-size sweep")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", default=f"benchmarks/results/ops_{jax.default_backend()}.json")
+    args = parser.parse_args(argv)
+
+    gpu = jax.default_backend() == "gpu"
+    torch_device = None
+    if torch is not None:
+        torch_device = "cuda" if gpu and torch.cuda.is_available() else ("cpu" if not gpu else None)
+        if torch_device == "cpu":
+            torch.set_num_threads(os.cpu_count() or 1)
+    results = dict(environment=environment(), cases={})
+    cases = CASES[:1] if args.quick else list(CASES)
+    if gpu:  # the GPU target is stated at N=64
+        cases.append(Case("standard N=64", n=64))
+    for case in cases:
+        print(f"== {case}", flush=True)
+        rows = run_case(case, args.repeats, torch_device)
+        results["cases"][case.name] = dict(case=case.__dict__, rows=rows)
+        for name, r in rows.items():
+            mem = r.get("fwd_temp_mb")
+            mem_s = (
+                f"  temp {mem:8.1f} MB / {r['fwd_bwd_temp_mb']:8.1f} MB" if mem is not None else ""
+            )
+            print(
+                f"   {name:42s} fwd {r['fwd_ms']:9.2f} ms  "
+                f"fwd+bwd {r['fwd_bwd_ms']:9.2f} ms{mem_s}",
+                flush=True,
+            )
+    if not args.quick and not args.no_sweep:
+        results["sweep"] = sweep(max(3, args.repeats // 2))
+        for name, rows in results["sweep"].items():
+            print(
+                f"   sweep {name:6s} "
+                + "  ".join(
+                    f"{k}: {v['fwd_ms']:.2f}/{v['fwd_bwd_ms']:.2f} ms" for k, v in rows.items()
+                ),
+                flush=True,
+            )
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

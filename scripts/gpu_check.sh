@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU check, in one go (about 5 minutes on an H100): build with CUDA, run the GPU tests,
+# compute-sanitizer memcheck on a small case, the operator benchmark, and the ops test suite on
+# the GPU. Everything lands in $OUT (or ./gpu-results): log.txt, results.json, ops_gpu.json.
+# Works offline: the build uses the preinstalled scikit-build-core/pybind11/cmake/ninja.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-./gpu-results}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+LOG="$OUT/log.txt"
+declare -A STATUS
+step() {  # step NAME TIMEOUT CMD...: run, log, remember the exit status
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name: $*" | tee -a "$LOG"
+  local start=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  STATUS[$name]="${PIPESTATUS[0]} $((SECONDS - start))s"
+  echo "== $name: exit ${STATUS[$name]}" | tee -a "$LOG"
+}
+
+nvidia-smi 2>&1 | tee -a "$LOG" | head -15
+step build 200 env DK_JAX_CUDA=ON CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=${DK_CUDA_ARCHS:-90}" \
+  "$PY" -m pip install --no-build-isolation --no-deps -q -e .
+step gpu_tests 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+step memcheck 120 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 \
+  "$PY" scripts/gpu_small_case.py
+step bench 150 "$PY" -m benchmarks.ops --repeats 10 --json "$OUT/ops_gpu.json"
+step ops_tests_on_gpu 100 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_ops.py \
+  -k "not bad_input and not check_grads"
+
+{
+  echo "{"
+  first=1
+  for k in "${!STATUS[@]}"; do
+    [[ $first == 1 ]] || echo ","
+    first=0
+    printf '  "%s": "%s"' "$k" "${STATUS[$k]}"
+  done
+  echo
+  echo "}"
+} > "$OUT/results.json"
+cat "$OUT/results.json"

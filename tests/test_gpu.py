@@ -1,0 +1,143 @@
+"""Claims about the CUDA path (run by scripts/gpu_check.sh on a GPU machine; skipped elsewhere):
+the CUDA custom calls agree with the CPU custom calls and with the xla reference, in values,
+gradients, batching and low precision."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+from jax.test_util import check_grads
+from test_ops import CASES, case_id, make_case, smooth_case
+
+import dk_jax
+
+
+def _gpus():
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:
+        return []
+
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not _gpus(), reason="no GPU"),
+]
+
+
+def on(device, tree):
+    return jax.tree.map(lambda a: jax.device_put(a, device), tree)
+
+
+def test_cuda_library_is_used():
+    assert dk_jax.ffi_available("gpu")
+    a, geo = make_case(np.random.default_rng(0))
+    a = on(_gpus()[0], a)
+    hlo = (
+        jax.jit(lambda x, r, w: dk_jax.sample_depthwise(x, r, w, **geo))
+        .lower(a["x"], a["rotation"], a["weight"])
+        .as_text()
+    )
+    assert "dk_sample_forward" in hlo
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_cuda_matches_cpu_and_reference(case):
+    a, geo = make_case(np.random.default_rng(1), **case)
+    gpu, cpu = on(_gpus()[0], a), on(jax.devices("cpu")[0], a)
+    for op, names in [
+        (dk_jax.sample_depthwise, ("x", "rotation", "weight")),
+        (dk_jax.deform_sample_depthwise, ("x", "offset", "rotation", "weight")),
+    ]:
+        y_gpu = op(*[gpu[k] for k in names], **geo, implementation="ffi")
+        y_cpu = op(*[cpu[k] for k in names], **geo, implementation="ffi")
+        y_xla = op(*[cpu[k] for k in names], **geo, implementation="xla")
+        assert next(iter(y_gpu.devices())).platform == "gpu"
+        assert rel_err(y_gpu, y_cpu) <= 1e-5 and rel_err(y_gpu, y_xla) <= 1e-5
+
+
+@pytest.mark.parametrize("deform", [False, True])
+def test_cuda_gradients_match_reference(deform):
+    rng = np.random.default_rng(2)
+    a, geo = make_case(rng, k=(3, 3), s=(5, 4), groups=2, spread=2.0)
+    a = on(_gpus()[0], a)
+    names = ("x", "offset", "rotation", "weight") if deform else ("x", "rotation", "weight")
+    op = dk_jax.deform_sample_depthwise if deform else dk_jax.sample_depthwise
+    args = [a[k] for k in names]
+    cot = jnp.asarray(rng.normal(size=op(*args, **geo).shape), jnp.float32)
+
+    def grads(impl):
+        loss = lambda *z: jnp.vdot(cot, op(*z, **geo, implementation=impl))  # noqa: E731
+        return jax.grad(loss, argnums=tuple(range(len(args))))(*args)
+
+    for name, p, q in zip(names, grads("ffi"), grads("xla"), strict=True):
+        assert rel_err(p, q) <= 1e-5, name
+    tangents = [jnp.asarray(rng.normal(size=t.shape), jnp.float32) for t in args]
+    _, t_ffi = jax.jvp(lambda *z: op(*z, **geo, implementation="ffi"), args, tangents)
+    _, t_xla = jax.jvp(lambda *z: op(*z, **geo, implementation="xla"), args, tangents)
+    assert rel_err(t_ffi, t_xla) <= 1e-5
+
+
+def test_cuda_check_grads():
+    a, geo = smooth_case(np.random.default_rng(3), True)
+    a = on(_gpus()[0], a)
+    names = ("x", "offset", "rotation", "weight")
+    for i in range(4):
+
+        def f(z, i=i):
+            full = [a[k] for k in names]
+            full[i] = z
+            return dk_jax.deform_sample_depthwise(*full, **geo, implementation="ffi")
+
+        check_grads(
+            f, (a[names[i]],), order=1, modes=("fwd", "rev"), eps=1e-3, atol=2e-2, rtol=2e-2
+        )
+
+
+def test_cuda_nd_linear_sample_and_grads():
+    rng = np.random.default_rng(4)
+    for dims in (1, 2, 3):
+        data = jax.device_put(
+            jnp.asarray(rng.normal(size=(*(5, 4, 3)[:dims], 6)), jnp.float32), _gpus()[0]
+        )
+        coord = jax.device_put(
+            jnp.asarray(rng.uniform(-1.5, 5.5, (30, dims)), jnp.float32), _gpus()[0]
+        )
+        cot = jnp.asarray(rng.normal(size=(30, 6)), jnp.float32)
+        outs = {}
+        for impl in ("ffi", "xla"):
+
+            def f(d, c, impl=impl):
+                return jnp.vdot(cot, dk_jax.nd_linear_sample(d, c, implementation=impl))
+
+            outs[impl] = (
+                dk_jax.nd_linear_sample(data, coord, implementation=impl),
+                *jax.grad(f, (0, 1))(data, coord),
+            )
+        for p, q in zip(outs["ffi"], outs["xla"], strict=True):
+            assert rel_err(p, q) <= 1e-5
+
+
+def test_cuda_vmap_and_low_precision():
+    rng = np.random.default_rng(5)
+    a, geo = make_case(rng, n=2, h=6, w=5, c=4, groups=2)
+    a = on(_gpus()[0], a)
+    f = lambda x, o, r, w: dk_jax.deform_sample_depthwise(x, o, r, w, **geo)  # noqa: E731
+    xs = jnp.stack([a["x"], a["x"] * 2, -a["x"]])
+    ws = jnp.stack([a["weight"], a["weight"] + 1, a["weight"] * 0.5])
+    got = jax.vmap(f, in_axes=(0, None, None, 0))(xs, a["offset"], a["rotation"], ws)
+    want = jnp.stack([f(xs[b], a["offset"], a["rotation"], ws[b]) for b in range(3)])
+    assert rel_err(got, want) <= 1e-6
+    for dtype, tol in ((jnp.bfloat16, 2e-2), (jnp.float16, 2e-3)):
+        low = {k: v.astype(dtype) for k, v in a.items()}
+        up = {k: v.astype(jnp.float32) for k, v in low.items()}
+        y = f(low["x"], low["offset"], low["rotation"], low["weight"])
+        ref = f(up["x"], up["offset"], up["rotation"], up["weight"])
+        assert y.dtype == dtype and rel_err(y.astype(jnp.float32), ref) <= tol
+        g = jax.grad(
+            lambda w: f(low["x"], low["offset"], low["rotation"], w).astype(jnp.float32).sum()
+        )(low["weight"])
+        assert g.dtype == dtype and bool(jnp.isfinite(g.astype(jnp.float32)).all())

@@ -1,0 +1,488 @@
+// CUDA kernels and XLA FFI handlers. As on the CPU, every number comes from dk_math.h; this
+// file decides who computes what:
+//  - forward, JVPs and the image gradient: one block per output location, threads over channels
+//    (contiguous in NHWC); the footprints of the location's taps are computed once into shared
+//    memory and read by every channel of their rotation group;
+//  - weight gradient: blocks over (tile of locations, channel chunk) accumulate in shared memory,
+//    each thread owning its channel's column, write one partial per tile, and a second kernel
+//    sums the partials in a fixed order: deterministic, no float atomics;
+//  - rotation / offset / coordinate gradients: one thread per output element, summing over
+//    channels: deterministic, no atomics;
+//  - image and nd data gradients scatter with float atomicAdd into a float32 buffer (these are
+//    the only non-deterministic sums).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <string>
+
+#include "dk_common.h"
+#include "dk_math.h"
+#include "dk_targets.h"
+
+namespace dk {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kTile = 32;                        // locations per weight-gradient block
+constexpr size_t kMaxTableBytes = 32 * 1024;     // shared memory for footprint tables
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline ffi::Error cuda_error(const char* where) {
+  const cudaError_t e = cudaGetLastError();
+  if (e == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error(ffi::ErrorCode::kInternal,
+                    std::string("dk_jax: CUDA error in ") + where + ": " + cudaGetErrorString(e));
+}
+
+inline int channel_threads(int64_t C) {
+  return int(std::min<int64_t>(kThreads, std::max<int64_t>(32, ceil_div(C, 32) * 32)));
+}
+
+
+// Footprints of every tap of one location, computed once per block: the taps' image
+// footprints, then (with_kernels) taps * G kernel footprints, group-major.
+template <bool kDeform, typename T>
+__device__ void fill_location_table(const Problem& p, const T* rotation, const T* offset,
+                                    int64_t loc, Footprint* table, bool with_kernels) {
+  const int64_t taps = p.taps();
+  const int64_t j = loc % p.Wo, i = (loc / p.Wo) % p.Ho;
+  const T* rot = rotation + loc * p.G * taps * 2;
+  const T* off = kDeform ? offset + loc * taps * 2 : nullptr;
+  const int64_t entries = taps + (with_kernels ? taps * p.G : 0);
+  for (int64_t e = threadIdx.x; e < entries; e += blockDim.x) {
+    if (e < taps) {
+      table[e] = image_footprint<kDeform>(p, off, i, j, e / p.Kw, e % p.Kw);
+    } else {
+      const int64_t k = e - taps, g = k / taps, tap = k % taps;
+      table[e] = kernel_footprint(p, rot, tap / p.Kw, tap % p.Kw, g);
+    }
+  }
+}
+
+// Forward, JVPs and the image gradient: one block per location.
+template <Mode M, bool kDeform, typename T>
+__global__ void location_kernel(Problem p, Operands<T> A, const T* zero_row, float* grad_image,
+                                bool kernel_table) {
+  extern __shared__ unsigned char smem[];
+  Footprint* table = reinterpret_cast<Footprint*>(smem);
+  constexpr int NI = kDeform ? 4 : 1;
+  const int64_t loc = blockIdx.x;
+  const int64_t n = loc / (p.Ho * p.Wo);
+  const int64_t taps = p.taps(), C = p.C, S = p.scope();
+  fill_location_table<kDeform>(p, A.rotation, A.offset, loc, table, kernel_table);
+  __syncthreads();
+  const T* x_n = A.x ? A.x + n * p.H * p.W * C : nullptr;
+  const T* w_n = A.weight + (p.Nw == 1 ? 0 : n) * S * C;
+  const T* rot = A.rotation + loc * p.G * taps * 2;
+  const T* tan = A.tangent ? A.tangent + loc * (M == Mode::kJvpRotation ? p.G : 1) * taps * 2
+                           : nullptr;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    const int64_t g = c % p.G;
+    float acc = 0.f;
+    for (int64_t tap = 0; tap < taps; ++tap) {
+      const Footprint& img = table[tap];
+      const Footprint kf = kernel_table ? table[taps + g * taps + tap]
+                                        : kernel_footprint(p, rot, tap / p.Kw, tap % p.Kw, g);
+      const T* xr[4];
+      const T* wr[4];
+      for (int k = 0; k < NI; ++k) {
+        xr[k] = (x_n && img.index[k] >= 0) ? x_n + img.index[k] * C : zero_row;
+      }
+      for (int k = 0; k < 4; ++k) wr[k] = kf.index[k] >= 0 ? w_n + kf.index[k] * C : zero_row;
+      if (M == Mode::kForward) {
+        acc += tap_product(blend<NI>(img.w, xr, c), blend<4>(kf.w, wr, c));
+      } else if (M == Mode::kJvpRotation) {
+        const int64_t r = (g * taps + tap) * 2;
+        const float dk = position_tangent(blend<4>(kf.dwdu, wr, c), blend<4>(kf.dwdv, wr, c),
+                                          to_float(tan[r]), to_float(tan[r + 1]));
+        acc += tap_product(blend<NI>(img.w, xr, c), dk);
+      } else if (M == Mode::kJvpOffset) {
+        const float dx =
+            position_tangent(blend<NI>(img.dwdu, xr, c), blend<NI>(img.dwdv, xr, c),
+                             to_float(tan[2 * tap]), to_float(tan[2 * tap + 1]));
+        acc += tap_product(dx, blend<4>(kf.w, wr, c));
+      } else if (M == Mode::kGradImage) {
+        const float d = to_float(A.cot[loc * C + c]) * blend<4>(kf.w, wr, c);
+        for (int k = 0; k < NI; ++k) {
+          if (img.index[k] >= 0) {
+            atomicAdd(grad_image + (n * p.H * p.W + img.index[k]) * C + c, img.w[k] * d);
+          }
+        }
+      }
+    }
+    if (M != Mode::kGradImage) A.out[loc * C + c] = from_float<T>(acc);
+  }
+}
+
+// Weight gradient, first pass: block (tile of kTile locations of one sample, channel chunk).
+template <bool kDeform, typename T>
+__global__ void grad_weight_partial_kernel(Problem p, Operands<T> A, const T* zero_row,
+                                           float* partials, int64_t tiles_per_sample,
+                                           bool kernel_table) {
+  extern __shared__ unsigned char smem[];
+  const int64_t taps = p.taps(), C = p.C, S = p.scope();
+  const size_t table_entries = size_t(taps + (kernel_table ? taps * p.G : 0));
+  Footprint* table = reinterpret_cast<Footprint*>(smem);
+  float* column = reinterpret_cast<float*>(table + table_entries);  // S x blockDim.x
+  constexpr int NI = kDeform ? 4 : 1;
+  const int64_t tile = blockIdx.x;
+  const int64_t n = tile / tiles_per_sample;
+  const int64_t first = (tile % tiles_per_sample) * kTile;
+  const int64_t last = min(first + int64_t(kTile), p.Ho * p.Wo);
+  const int64_t c = blockIdx.y * blockDim.x + threadIdx.x;
+  for (int64_t s = 0; s < S; ++s) column[s * blockDim.x + threadIdx.x] = 0.f;
+  const T* x_n = A.x + n * p.H * p.W * C;
+  for (int64_t l = first; l < last; ++l) {
+    const int64_t loc = n * p.Ho * p.Wo + l;
+    __syncthreads();
+    fill_location_table<kDeform>(p, A.rotation, A.offset, loc, table, kernel_table);
+    __syncthreads();
+    if (c >= C) continue;
+    const int64_t g = c % p.G;
+    const T* rot = A.rotation + loc * p.G * taps * 2;
+    const float gy = to_float(A.cot[loc * C + c]);
+    for (int64_t tap = 0; tap < taps; ++tap) {
+      const Footprint& img = table[tap];
+      const Footprint kf = kernel_table ? table[taps + g * taps + tap]
+                                        : kernel_footprint(p, rot, tap / p.Kw, tap % p.Kw, g);
+      const T* xr[4];
+      for (int k = 0; k < NI; ++k) xr[k] = img.index[k] >= 0 ? x_n + img.index[k] * C : zero_row;
+      const float d = gy * blend<NI>(img.w, xr, c);
+      for (int k = 0; k < 4; ++k) {
+        if (kf.index[k] >= 0) column[kf.index[k] * blockDim.x + threadIdx.x] += kf.w[k] * d;
+      }
+    }
+  }
+  if (c < C) {
+    for (int64_t s = 0; s < S; ++s) {
+      partials[(tile * S + s) * C + c] = column[s * blockDim.x + threadIdx.x];
+    }
+  }
+}
+
+// Weight gradient, second pass: sum the tiles of each sample (Nw = N) or of all samples.
+template <typename T>
+__global__ void grad_weight_reduce_kernel(Problem p, const float* partials,
+                                          int64_t tiles_per_sample, T* out) {
+  const int64_t S = p.scope(), C = p.C;
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // over Nw * S * C
+  if (e >= p.Nw * S * C) return;
+  const int64_t nw = e / (S * C), sc = e % (S * C);
+  const int64_t t0 = p.Nw == 1 ? 0 : nw * tiles_per_sample;
+  const int64_t t1 = p.Nw == 1 ? p.N * tiles_per_sample : t0 + tiles_per_sample;
+  float acc = 0.f;
+  for (int64_t t = t0; t < t1; ++t) acc += partials[t * S * C + sc];
+  out[e] = from_float<T>(acc);
+}
+
+// Rotation gradient: one thread per (location, tap, group), summing its group's channels.
+template <bool kDeform, typename T>
+__global__ void grad_rotation_kernel(Problem p, Operands<T> A, const T* zero_row) {
+  constexpr int NI = kDeform ? 4 : 1;
+  const int64_t taps = p.taps(), C = p.C;
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // (loc, g, tap)
+  if (e >= p.N * p.Ho * p.Wo * p.G * taps) return;
+  const int64_t tap = e % taps, g = (e / taps) % p.G, loc = e / (taps * p.G);
+  const int64_t n = loc / (p.Ho * p.Wo), i = (loc / p.Wo) % p.Ho, j = loc % p.Wo;
+  const int64_t a = tap / p.Kw, b = tap % p.Kw;
+  const Footprint img =
+      image_footprint<kDeform>(p, kDeform ? A.offset + loc * taps * 2 : A.offset, i, j, a, b);
+  const Footprint kf = kernel_footprint(p, A.rotation + loc * p.G * taps * 2, a, b, g);
+  const T* x_n = A.x + n * p.H * p.W * C;
+  const T* w_n = A.weight + (p.Nw == 1 ? 0 : n) * p.scope() * C;
+  const T* xr[4];
+  const T* wr[4];
+  for (int k = 0; k < NI; ++k) xr[k] = img.index[k] >= 0 ? x_n + img.index[k] * C : zero_row;
+  for (int k = 0; k < 4; ++k) wr[k] = kf.index[k] >= 0 ? w_n + kf.index[k] * C : zero_row;
+  float su = 0.f, sv = 0.f;
+  for (int64_t c = g; c < C; c += p.G) {
+    const float d = to_float(A.cot[loc * C + c]) * blend<NI>(img.w, xr, c);
+    su += d * blend<4>(kf.dwdu, wr, c);
+    sv += d * blend<4>(kf.dwdv, wr, c);
+  }
+  T* o = A.out + loc * p.G * taps * 2 + (g * taps + tap) * 2;
+  o[0] = from_float<T>(su);
+  o[1] = from_float<T>(sv);
+}
+
+// Offset gradient: one thread per (location, tap), summing over every channel.
+template <typename T>
+__global__ void grad_offset_kernel(Problem p, Operands<T> A, const T* zero_row) {
+  const int64_t taps = p.taps(), C = p.C;
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // (loc, tap)
+  if (e >= p.N * p.Ho * p.Wo * taps) return;
+  const int64_t tap = e % taps, loc = e / taps;
+  const int64_t n = loc / (p.Ho * p.Wo), i = (loc / p.Wo) % p.Ho, j = loc % p.Wo;
+  const int64_t a = tap / p.Kw, b = tap % p.Kw;
+  const Footprint img = image_footprint<true>(p, A.offset + loc * taps * 2, i, j, a, b);
+  const T* x_n = A.x + n * p.H * p.W * C;
+  const T* w_n = A.weight + (p.Nw == 1 ? 0 : n) * p.scope() * C;
+  const T* xr[4];
+  for (int k = 0; k < 4; ++k) xr[k] = img.index[k] >= 0 ? x_n + img.index[k] * C : zero_row;
+  float su = 0.f, sv = 0.f;
+  for (int64_t g = 0; g < p.G; ++g) {
+    const Footprint kf = kernel_footprint(p, A.rotation + loc * p.G * taps * 2, a, b, g);
+    const T* wr[4];
+    for (int k = 0; k < 4; ++k) wr[k] = kf.index[k] >= 0 ? w_n + kf.index[k] * C : zero_row;
+    for (int64_t c = g; c < C; c += p.G) {
+      const float d = to_float(A.cot[loc * C + c]) * blend<4>(kf.w, wr, c);
+      su += d * blend<4>(img.dwdu, xr, c);
+      sv += d * blend<4>(img.dwdv, xr, c);
+    }
+  }
+  A.out[e * 2] = from_float<T>(su);
+  A.out[e * 2 + 1] = from_float<T>(sv);
+}
+
+template <typename T>
+__global__ void store_kernel(const float* src, T* dst, int64_t n) {
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e < n) dst[e] = from_float<T>(src[e]);
+}
+
+// Zero-filled device memory from XLA's scratch allocator (no cudaMalloc per call).
+inline void* scratch_zeros(ffi::ScratchAllocator& scratch, size_t bytes, cudaStream_t stream) {
+  // XLA accepts alignments up to 16 bytes here.
+  auto mem = scratch.Allocate(std::max<size_t>(bytes, 16), 16);
+  if (!mem.has_value()) return nullptr;
+  cudaMemsetAsync(*mem, 0, std::max<size_t>(bytes, 16), stream);
+  return *mem;
+}
+
+template <Mode M, bool kDeform, typename T>
+ffi::Error dk_launch(cudaStream_t stream, ffi::ScratchAllocator& scratch, const Problem& p,
+                     const Operands<T>& A, int64_t out_elements) {
+  const int64_t locations = p.N * p.Ho * p.Wo;
+  const int64_t taps = p.taps();
+  const T* zero_row = static_cast<const T*>(scratch_zeros(scratch, p.C * sizeof(T), stream));
+  if (!zero_row) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "dk_jax: scratch");
+  const size_t fp = sizeof(Footprint);
+  const bool kernel_table = size_t(taps * (p.G + 1)) * fp <= kMaxTableBytes;
+  const size_t table_bytes = size_t(taps + (kernel_table ? taps * p.G : 0)) * fp;
+  const int threads = channel_threads(p.C);
+
+  if (M == Mode::kForward || M == Mode::kJvpRotation || M == Mode::kJvpOffset ||
+      M == Mode::kGradImage) {
+    float* grad_image = nullptr;
+    if (M == Mode::kGradImage) {
+      if (std::is_same<T, float>::value) {
+        grad_image = reinterpret_cast<float*>(A.out);
+        cudaMemsetAsync(grad_image, 0, out_elements * sizeof(float), stream);
+      } else {
+        grad_image = static_cast<float*>(scratch_zeros(scratch, out_elements * sizeof(float), stream));
+        if (!grad_image) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "dk_jax: scratch");
+      }
+    }
+    if (locations > 0) {
+      location_kernel<M, kDeform, T><<<unsigned(locations), threads, table_bytes, stream>>>(
+          p, A, zero_row, grad_image, kernel_table);
+    }
+    if (M == Mode::kGradImage && !std::is_same<T, float>::value && out_elements > 0) {
+      store_kernel<T><<<unsigned(ceil_div(out_elements, 256)), 256, 0, stream>>>(
+          grad_image, A.out, out_elements);
+    }
+    return cuda_error("location_kernel");
+  }
+  if (M == Mode::kGradWeight) {
+    const int64_t tiles_per_sample = ceil_div(p.Ho * p.Wo, kTile);
+    const int64_t tiles = p.N * tiles_per_sample;
+    const int64_t S = p.scope();
+    float* partials = static_cast<float*>(
+        scratch_zeros(scratch, size_t(std::max<int64_t>(tiles, 1) * S * p.C) * sizeof(float), stream));
+    if (!partials) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "dk_jax: scratch");
+    // Each thread keeps its channel's S sums in shared memory: fewer threads for large scopes.
+    const size_t avail = 48 * 1024 - table_bytes;
+    const int wthreads = int(std::min<size_t>(threads, avail / (size_t(S) * sizeof(float)) / 32 * 32));
+    if (wthreads < 32) return invalid("scope too large for the CUDA weight gradient");
+    const size_t shared = table_bytes + size_t(S) * wthreads * sizeof(float);
+    if (tiles > 0) {
+      dim3 grid(unsigned(tiles), unsigned(ceil_div(p.C, wthreads)));
+      grad_weight_partial_kernel<kDeform, T><<<grid, wthreads, shared, stream>>>(
+          p, A, zero_row, partials, tiles_per_sample, kernel_table);
+    }
+    const int64_t total = p.Nw * S * p.C;
+    if (total > 0) {
+      grad_weight_reduce_kernel<T><<<unsigned(ceil_div(total, 256)), 256, 0, stream>>>(
+          p, partials, tiles_per_sample, A.out);
+    }
+    return cuda_error("grad_weight");
+  }
+  if (M == Mode::kGradRotation) {
+    const int64_t total = locations * p.G * taps;
+    if (total > 0) {
+      grad_rotation_kernel<kDeform, T><<<unsigned(ceil_div(total, 128)), 128, 0, stream>>>(
+          p, A, zero_row);
+    }
+    return cuda_error("grad_rotation");
+  }
+  if (M == Mode::kGradOffset) {
+    const int64_t total = locations * taps;
+    if (total > 0) {
+      grad_offset_kernel<T><<<unsigned(ceil_div(total, 128)), 128, 0, stream>>>(p, A, zero_row);
+    }
+    return cuda_error("grad_offset");
+  }
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "dk_jax: unknown mode");
+}
+
+template <Mode M, bool kDeform>
+ffi::Error dk_cuda_handler(cudaStream_t stream, ffi::ScratchAllocator scratch,
+                           ffi::RemainingArgs args, ffi::Result<ffi::AnyBuffer> out,
+                           ffi::Span<const int64_t> geometry) {
+  DkCall call;
+  if (auto err = read_dk_call(M, kDeform, args, *out, geometry, &call); err.failure()) return err;
+  return dispatch_float(call.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return dk_launch<M, kDeform, T>(stream, scratch, call.p, call.typed<T>(), call.out_elements);
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// nd_linear_sample
+
+enum class NdMode { kForward, kGradData, kJvpCoord, kGradCoord };
+
+// Forward / JVP: one thread per (point, channel); grad data: the same, scattering.
+template <NdMode M, typename T>
+__global__ void nd_point_channel_kernel(NdProblem p, const T* lhs, const T* coord,
+                                        const T* tangent, T* out, float* grad_data) {
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= p.Nb * p.M * p.C) return;
+  const int64_t c = e % p.C, point = e / p.C, nb = point / p.M;
+  const NdFootprint f = nd_point_footprint(p, coord, point);
+  const int64_t V = p.spatial();
+  float acc = 0.f;
+  for (int k = 0; k < nd_corner_count(f); ++k) {
+    const int64_t idx = nd_corner_index(f, k, p.shape);
+    if (idx < 0) continue;
+    if (M == NdMode::kGradData) {
+      atomicAdd(grad_data + (nb * V + idx) * p.C + c,
+                nd_corner_weight(f, k, -1) * to_float(lhs[point * p.C + c]));
+      continue;
+    }
+    float w = 0.f;
+    if (M == NdMode::kForward) {
+      w = nd_corner_weight(f, k, -1);
+    } else {
+      for (int d = 0; d < p.dims; ++d) {
+        w += nd_corner_weight(f, k, d) * to_float(tangent[point * p.dims + d]);
+      }
+    }
+    acc += w * to_float(lhs[(nb * V + idx) * p.C + c]);
+  }
+  if (M != NdMode::kGradData) out[e] = from_float<T>(acc);
+}
+
+// Coordinate gradient: one thread per (point, dimension), summing over channels.
+template <typename T>
+__global__ void nd_grad_coord_kernel(NdProblem p, const T* cot, const T* data, const T* coord,
+                                     T* out) {
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= p.Nb * p.M * p.dims) return;
+  const int d = int(e % p.dims);
+  const int64_t point = e / p.dims, nb = point / p.M;
+  const NdFootprint f = nd_point_footprint(p, coord, point);
+  const int64_t V = p.spatial();
+  float s = 0.f;
+  for (int k = 0; k < nd_corner_count(f); ++k) {
+    const int64_t idx = nd_corner_index(f, k, p.shape);
+    if (idx < 0) continue;
+    const float w = nd_corner_weight(f, k, d);
+    for (int64_t c = 0; c < p.C; ++c) {
+      s += to_float(cot[point * p.C + c]) * w * to_float(data[(nb * V + idx) * p.C + c]);
+    }
+  }
+  out[e] = from_float<T>(s);
+}
+
+template <NdMode M>
+ffi::Error nd_cuda_handler(cudaStream_t stream, ffi::ScratchAllocator scratch,
+                           ffi::RemainingArgs args, ffi::Result<ffi::AnyBuffer> out) {
+  const size_t expected = (M == NdMode::kForward || M == NdMode::kGradData) ? 2 : 3;
+  if (args.size() != expected) return invalid("wrong number of operands");
+  ffi::AnyBuffer b[3] = {*out, *out, *out};
+  for (size_t k = 0; k < expected; ++k) {
+    auto buf = args.get<ffi::AnyBuffer>(k);
+    if (buf.has_error()) return buf.error();
+    if (buf->element_type() != out->element_type()) return invalid("operands must share one dtype");
+    b[k] = *buf;
+  }
+  NdProblem p;
+  const ffi::AnyBuffer& data_like =
+      M == NdMode::kGradData ? *out : (M == NdMode::kGradCoord ? b[1] : b[0]);
+  const ffi::AnyBuffer& coord = M == NdMode::kGradCoord ? b[2] : b[1];
+  if (auto err = read_nd_problem(data_like, coord, &p); err.failure()) return err;
+  return dispatch_float(out->element_type(), [&](auto tag) -> ffi::Error {
+    using T = decltype(tag);
+    auto ptr = [](const ffi::AnyBuffer& x) { return static_cast<const T*>(x.untyped_data()); };
+    T* o = static_cast<T*>(out->untyped_data());
+    const int64_t n_out = int64_t(out->element_count());
+    if (M == NdMode::kGradCoord) {
+      if (n_out > 0) {
+        nd_grad_coord_kernel<T><<<unsigned(ceil_div(n_out, 128)), 128, 0, stream>>>(
+            p, ptr(b[0]), ptr(b[1]), ptr(b[2]), o);
+      }
+      return cuda_error("nd_grad_coord");
+    }
+    float* grad_data = nullptr;
+    if (M == NdMode::kGradData) {
+      grad_data = std::is_same<T, float>::value
+                      ? reinterpret_cast<float*>(o)
+                      : static_cast<float*>(scratch_zeros(scratch, n_out * sizeof(float), stream));
+      if (!grad_data) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "dk_jax: scratch");
+      cudaMemsetAsync(grad_data, 0, n_out * sizeof(float), stream);
+    }
+    const int64_t work = p.Nb * p.M * p.C;
+    if (work > 0) {
+      nd_point_channel_kernel<M, T><<<unsigned(ceil_div(work, 128)), 128, 0, stream>>>(
+          p, ptr(b[0]), ptr(b[1]), expected == 3 ? ptr(b[2]) : nullptr, o, grad_data);
+    }
+    if (M == NdMode::kGradData && !std::is_same<T, float>::value && n_out > 0) {
+      store_kernel<T><<<unsigned(ceil_div(n_out, 256)), 256, 0, stream>>>(grad_data, o, n_out);
+    }
+    return cuda_error("nd_linear_sample");
+  });
+}
+
+}  // namespace
+}  // namespace dk
+
+namespace ffi = xla::ffi;
+
+DK_TARGETS(DK_DECLARE_CUDA)
+
+#define DK_CUDA_HANDLER(name, mode, deform)                                            \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (dk::dk_cuda_handler<dk::Mode::mode, deform>),  \
+                                ffi::Ffi::Bind()                                      \
+                                    .Ctx<ffi::PlatformStream<cudaStream_t>>()         \
+                                    .Ctx<ffi::ScratchAllocator>()                     \
+                                    .RemainingArgs()                                  \
+                                    .Ret<ffi::AnyBuffer>()                            \
+                                    .Attr<ffi::Span<const int64_t>>("geometry"));
+
+DK_CUDA_HANDLER(dk_sample_forward_cuda, kForward, false)
+DK_CUDA_HANDLER(dk_sample_grad_image_cuda, kGradImage, false)
+DK_CUDA_HANDLER(dk_sample_grad_weight_cuda, kGradWeight, false)
+DK_CUDA_HANDLER(dk_sample_jvp_rotation_cuda, kJvpRotation, false)
+DK_CUDA_HANDLER(dk_sample_grad_rotation_cuda, kGradRotation, false)
+DK_CUDA_HANDLER(dk_deform_forward_cuda, kForward, true)
+DK_CUDA_HANDLER(dk_deform_grad_image_cuda, kGradImage, true)
+DK_CUDA_HANDLER(dk_deform_grad_weight_cuda, kGradWeight, true)
+DK_CUDA_HANDLER(dk_deform_jvp_rotation_cuda, kJvpRotation, true)
+DK_CUDA_HANDLER(dk_deform_grad_rotation_cuda, kGradRotation, true)
+DK_CUDA_HANDLER(dk_deform_jvp_offset_cuda, kJvpOffset, true)
+DK_CUDA_HANDLER(dk_deform_grad_offset_cuda, kGradOffset, true)
+
+#define DK_ND_CUDA_HANDLER(name, mode)                                       \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (dk::nd_cuda_handler<dk::NdMode::mode>), \
+                                ffi::Ffi::Bind()                            \
+                                    .Ctx<ffi::PlatformStream<cudaStream_t>>() \
+                                    .Ctx<ffi::ScratchAllocator>()           \
+                                    .RemainingArgs()                        \
+                                    .Ret<ffi::AnyBuffer>());
+
+DK_ND_CUDA_HANDLER(dk_nd_forward_cuda, kForward)
+DK_ND_CUDA_HANDLER(dk_nd_grad_data_cuda, kGradData)
+DK_ND_CUDA_HANDLER(dk_nd_jvp_coord_cuda, kJvpCoord)
+DK_ND_CUDA_HANDLER(dk_nd_grad_coord_cuda, kGradCoord)
