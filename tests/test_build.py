@@ -1,0 +1,46 @@
+"""Claims about the build: the CPU library always exists and exports every handler; the CUDA
+library exists and exports them too wherever nvcc was on the PATH at install time."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+
+import pytest
+
+TARGETS = [
+    f"dk_{kind}_{mode}"
+    for kind, modes in [
+        ("sample", ["forward", "grad_image", "grad_weight", "jvp_rotation", "grad_rotation"]),
+        ("deform", ["forward", "grad_image", "grad_weight", "jvp_rotation", "grad_rotation",
+                    "jvp_offset", "grad_offset"]),
+        ("nd", ["forward", "grad_data", "jvp_coord", "grad_coord"]),
+    ]
+    for mode in modes
+]
+
+
+def exported(path: str) -> set[str]:
+    out = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True,
+                         check=True).stdout
+    return {line.split()[-1] for line in out.splitlines() if line.strip()}
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="binutils' nm is not installed")
+@pytest.mark.parametrize("platform", ["cpu", "cuda"])
+def test_library_exports_every_handler(platform):
+    spec = importlib.util.find_spec(f"dk_jax._dk_{platform}")
+    if platform == "cuda" and spec is None:
+        # Only acceptable where the build could not have found nvcc.
+        assert shutil.which("nvcc") is None, "nvcc is on the PATH but _dk_cuda was not built"
+        return
+    assert spec is not None and spec.origin, f"dk_jax._dk_{platform} was not built"
+    symbols = exported(spec.origin)
+    assert {f"{t}_{platform}" for t in TARGETS} <= symbols
+
+
+def test_registrations_match_targets():
+    from dk_jax import _dk_cpu
+
+    assert sorted(_dk_cpu.registrations()) == sorted(TARGETS)
