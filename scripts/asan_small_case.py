@@ -25,7 +25,9 @@ for dtype in (jnp.float32, jnp.bfloat16):
     x = jnp.asarray(rng.normal(size=(2, 7, 6, 6)), dtype)
     w = jnp.asarray(rng.normal(size=(5, 4, 6)), dtype)
     rot = jnp.asarray(rng.normal(size=(2, 7, 6, 36)) * 6, dtype)
-    rot = rot.at[0, 0, 0, :4].set(jnp.inf).at[0, 1, 0, 4:6].set(-jnp.inf).at[1, 0, 0, 0].set(jnp.nan)
+    rot = (
+        rot.at[0, 0, 0, :4].set(jnp.inf).at[0, 1, 0, 4:6].set(-jnp.inf).at[1, 0, 0, 0].set(jnp.nan)
+    )
     off = jnp.asarray(rng.normal(size=(2, 7, 6, 18)) * 6, dtype)
     off = off.at[1, 2, 3, :2].set(-jnp.inf).at[0, 3, 3, 2].set(jnp.inf).at[0, 4, 4, 0].set(jnp.nan)
     geo = dict(kernel_size=3, padding=1, dilation=1, rotation_groups=2)
@@ -41,10 +43,15 @@ for dtype in (jnp.float32, jnp.bfloat16):
     outs += jax.grad(lambda *a: g(*a).astype(jnp.float32).sum(), (0, 1, 2))(x, rot, w)
     outs += jax.jvp(f, (x, off, rot, w), (x, off, rot, w))
     outs += jax.jvp(g, (x, rot, w), (x, rot, w))
-    coord = jnp.asarray(rng.uniform(-3, 7, (9, 2)), dtype).at[0, 0].set(jnp.nan).at[1, 1].set(jnp.inf)
+    coord = (
+        jnp.asarray(rng.uniform(-3, 7, (9, 2)), dtype).at[0, 0].set(jnp.nan).at[1, 1].set(jnp.inf)
+    )
     for data, c in [(w, coord), (x, jnp.concatenate([coord, coord[:, :1]], 1))]:
         h = lambda d, c: dk_jax.nd_linear_sample(d, c, implementation="ffi")  # noqa: E731
-        outs += [h(data, c), *jax.grad(lambda d, c: h(d, c).astype(jnp.float32).sum(), (0, 1))(data, c)]
+        outs += [
+            h(data, c),
+            *jax.grad(lambda d, c: h(d, c).astype(jnp.float32).sum(), (0, 1))(data, c),
+        ]
         outs += jax.jvp(h, (data, c), (data, c))
     jax.block_until_ready(outs)
     print(jnp.dtype(dtype).name, "ran", len(outs), "outputs")

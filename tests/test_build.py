@@ -13,8 +13,18 @@ TARGETS = [
     f"dk_{kind}_{mode}"
     for kind, modes in [
         ("sample", ["forward", "grad_image", "grad_weight", "jvp_rotation", "grad_rotation"]),
-        ("deform", ["forward", "grad_image", "grad_weight", "jvp_rotation", "grad_rotation",
-                    "jvp_offset", "grad_offset"]),
+        (
+            "deform",
+            [
+                "forward",
+                "grad_image",
+                "grad_weight",
+                "jvp_rotation",
+                "grad_rotation",
+                "jvp_offset",
+                "grad_offset",
+            ],
+        ),
         ("nd", ["forward", "grad_data", "jvp_coord", "grad_coord"]),
     ]
     for mode in modes
@@ -22,8 +32,9 @@ TARGETS = [
 
 
 def exported(path: str) -> set[str]:
-    out = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["nm", "-D", "--defined-only", path], capture_output=True, text=True, check=True
+    ).stdout
     return {line.split()[-1] for line in out.splitlines() if line.strip()}
 
 
