@@ -198,6 +198,64 @@ void dk_row(const Problem& p, const Operands<T>& A, const T* zero_row, int64_t n
   }
 }
 
+// Forward with one rotation group, the common case: the footprints of a location's taps are
+// computed once into a small table, then channels are swept in blocks of kBlock whose
+// accumulators stay in registers across all taps.
+template <bool kDeform, typename T>
+void forward_row_one_group(const Problem& p, const Operands<T>& A, const T* zero_row, int64_t n,
+                           int64_t i, std::vector<const T*>& rows, std::vector<float>& weights) {
+  constexpr int NI = kDeform ? 4 : 1;
+  constexpr int NR = NI + 4;  // image corners, then kernel corners
+  constexpr int64_t kBlock = 16;
+  const int64_t C = p.C, taps = p.taps();
+  const T* x_n = A.x + n * p.H * p.W * C;
+  const T* w_n = A.weight + (p.Nw == 1 ? 0 : n) * p.scope() * C;
+  rows.resize(size_t(taps * NR));
+  weights.resize(size_t(taps * NR));
+  for (int64_t j = 0; j < p.Wo; ++j) {
+    const int64_t loc = (n * p.Ho + i) * p.Wo + j;
+    const T* rot = A.rotation + loc * taps * 2;
+    const T* off = kDeform ? A.offset + loc * taps * 2 : nullptr;
+    for (int64_t tap = 0; tap < taps; ++tap) {
+      const int64_t a = tap / p.Kw, b = tap % p.Kw;
+      const Footprint img = image_footprint<kDeform>(p, off, i, j, a, b);
+      const Footprint kf = kernel_footprint(p, rot, a, b, 0);
+      const T** r = rows.data() + tap * NR;
+      float* w = weights.data() + tap * NR;
+      for (int k = 0; k < NI; ++k) {
+        r[k] = img.index[k] >= 0 ? x_n + img.index[k] * C : zero_row;
+        w[k] = img.w[k];
+      }
+      for (int k = 0; k < 4; ++k) {
+        r[NI + k] = kf.index[k] >= 0 ? w_n + kf.index[k] * C : zero_row;
+        w[NI + k] = kf.w[k];
+      }
+    }
+    T* out = A.out + loc * C;
+    int64_t c0 = 0;
+    for (; c0 + kBlock <= C; c0 += kBlock) {
+      float acc[kBlock] = {};
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        const T* const* r = rows.data() + tap * NR;
+        const float* w = weights.data() + tap * NR;
+        for (int64_t c = 0; c < kBlock; ++c) {
+          acc[c] += tap_product(blend<NI>(w, r, c0 + c), blend<4>(w + NI, r + NI, c0 + c));
+        }
+      }
+      for (int64_t c = 0; c < kBlock; ++c) out[c0 + c] = from_float<T>(acc[c]);
+    }
+    for (; c0 < C; ++c0) {
+      float acc = 0.f;
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        const T* const* r = rows.data() + tap * NR;
+        const float* w = weights.data() + tap * NR;
+        acc += tap_product(blend<NI>(w, r, c0), blend<4>(w + NI, r + NI, c0));
+      }
+      out[c0] = from_float<T>(acc);
+    }
+  }
+}
+
 template <typename T>
 void store(const float* src, T* dst, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = from_float<T>(src[k]);
@@ -273,9 +331,16 @@ void dk_run(ffi::ThreadPool* pool, const Problem& p, const Operands<T>& A) {
   const int64_t n_chunks = std::min<int64_t>(rows, workers * 4);
   parallel_for(pool, workers, n_chunks, [&](int64_t chunk) {
     RowScratch s = make_scratch();
+    std::vector<const T*> tap_rows;
+    std::vector<float> tap_weights;
     auto [r0, r1] = chunk_range(rows, n_chunks, chunk);
     for (int64_t r = r0; r < r1; ++r) {
-      dk_row<M, kDeform, kUnitStride>(p, A, zero_row.data(), r / p.Ho, r % p.Ho, s);
+      if (M == Mode::kForward && kUnitStride) {
+        forward_row_one_group<kDeform>(p, A, zero_row.data(), r / p.Ho, r % p.Ho, tap_rows,
+                                       tap_weights);
+      } else {
+        dk_row<M, kDeform, kUnitStride>(p, A, zero_row.data(), r / p.Ho, r % p.Ho, s);
+      }
     }
   });
 }
