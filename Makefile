@@ -37,6 +37,13 @@ test-peers: $(STAMP)
 	$(PIP) install -q --no-build-isolation -e ".[test,peers]"
 	$(PY) -m pytest -q -m peers
 
+# Operator and model benchmarks on this machine, then docs/BENCHMARKS.md from all results
+# (GPU rows come from scripts/gpu_check.sh runs saved in benchmarks/results/).
+bench: $(STAMP)
+	$(PY) -m benchmarks.ops --json benchmarks/results/ops_cpu.json
+	$(PY) -m benchmarks.models --json benchmarks/results/models_cpu.json
+	$(PY) -m benchmarks.report
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dk_jax tests
 

@@ -268,6 +268,38 @@ def sweep(repeats):
     return out
 
 
+def thread_scaling(repeats):
+    """The standard local DK ffi op with its work split over 1 and over 2 threads.
+
+    DK_JAX_NUM_THREADS caps the workers the handlers take from XLA's intra-op pool; it is read
+    on every call, so both settings run in this process on the same compiled executables."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(8, 56, 56, 128)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(4, 4, 128)), jnp.float32)
+    rot = jnp.asarray(rng.normal(size=(8, 56, 56, 18)) * 0.5, jnp.float32)
+    ct = jnp.asarray(rng.normal(size=(8, 56, 56, 128)), jnp.float32)
+
+    def dk(x, r, w):
+        return dk_jax.sample_depthwise(x, r, w, kernel_size=3, padding=1, implementation="ffi")
+
+    fwd, grad = jax.jit(dk), fwd_bwd(dk, 3)
+    previous = os.environ.get("DK_JAX_NUM_THREADS")
+    out = {}
+    try:
+        for threads in (1, 2):
+            os.environ["DK_JAX_NUM_THREADS"] = str(threads)
+            out[f"{threads} thread(s)"] = dict(
+                fwd_ms=median_ms(fwd, x, rot, w, repeats=repeats),
+                fwd_bwd_ms=median_ms(grad, ct, x, rot, w, repeats=max(3, repeats // 2)),
+            )
+    finally:
+        if previous is None:
+            os.environ.pop("DK_JAX_NUM_THREADS", None)
+        else:
+            os.environ["DK_JAX_NUM_THREADS"] = previous
+    return out
+
+
 def environment():
     env = dict(
         python=platform.python_version(),
@@ -332,6 +364,14 @@ def main(argv=None):
                 + "  ".join(
                     f"{k}: {v['fwd_ms']:.2f}/{v['fwd_bwd_ms']:.2f} ms" for k, v in rows.items()
                 ),
+                flush=True,
+            )
+    if not args.quick and not gpu:
+        results["threads"] = thread_scaling(args.repeats)
+        for name, r in results["threads"].items():
+            print(
+                f"   local DK ffi, {name}: fwd {r['fwd_ms']:.2f} ms  "
+                f"fwd+bwd {r['fwd_bwd_ms']:.2f} ms",
                 flush=True,
             )
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)

@@ -115,6 +115,68 @@ __global__ void location_kernel(Problem p, Operands<T> A, const T* zero_row, flo
   }
 }
 
+// Forward: a block is kLocs locations x 32 channel lanes. The footprints of every tap of the
+// block's locations are computed once, in parallel, into shared memory (compact: int32 index and
+// weight per corner), then each warp sweeps the channels of one location, reading them by
+// broadcast. One footprint serves every channel of its rotation group.
+constexpr int kLocs = 8;
+
+struct CompactFootprint {
+  int32_t index[4];
+  float w[4];
+};
+
+template <bool kDeform, typename T>
+__global__ void forward_tile_kernel(Problem p, Operands<T> A, const T* zero_row) {
+  extern __shared__ unsigned char smem[];
+  CompactFootprint* table = reinterpret_cast<CompactFootprint*>(smem);
+  constexpr int NI = kDeform ? 4 : 1;
+  const int64_t taps = p.taps(), C = p.C, S = p.scope();
+  const int64_t per_loc = taps * (1 + p.G);
+  const int64_t locations = p.N * p.Ho * p.Wo;
+  const int64_t first = int64_t(blockIdx.x) * kLocs;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  for (int64_t e = tid; e < kLocs * per_loc; e += blockDim.x * blockDim.y) {
+    const int64_t loc = first + e / per_loc, k = e % per_loc;
+    if (loc >= locations) continue;
+    const int64_t j = loc % p.Wo, i = (loc / p.Wo) % p.Ho;
+    Footprint f;
+    if (k < taps) {
+      f = image_footprint<kDeform>(p, kDeform ? A.offset + loc * taps * 2 : A.offset, i, j,
+                                   k / p.Kw, k % p.Kw);
+    } else {
+      const int64_t g = (k - taps) / taps, tap = (k - taps) % taps;
+      f = kernel_footprint(p, A.rotation + loc * p.G * taps * 2, tap / p.Kw, tap % p.Kw, g);
+    }
+    CompactFootprint& out = table[e];
+    for (int c = 0; c < 4; ++c) {
+      out.index[c] = int32_t(f.index[c]);
+      out.w[c] = f.w[c];
+    }
+  }
+  __syncthreads();
+  const int64_t loc = first + threadIdx.y;
+  if (loc >= locations) return;
+  const int64_t n = loc / (p.Ho * p.Wo);
+  const T* x_n = A.x + n * p.H * p.W * C;
+  const T* w_n = A.weight + (p.Nw == 1 ? 0 : n) * S * C;
+  const CompactFootprint* mine = table + threadIdx.y * per_loc;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    const int64_t g = c % p.G;
+    float acc = 0.f;
+    for (int64_t tap = 0; tap < taps; ++tap) {
+      const CompactFootprint& img = mine[tap];
+      const CompactFootprint& kf = mine[taps + g * taps + tap];
+      const T* xr[4];
+      const T* wr[4];
+      for (int k = 0; k < NI; ++k) xr[k] = img.index[k] >= 0 ? x_n + int64_t(img.index[k]) * C : zero_row;
+      for (int k = 0; k < 4; ++k) wr[k] = kf.index[k] >= 0 ? w_n + int64_t(kf.index[k]) * C : zero_row;
+      acc += tap_product(blend<NI>(img.w, xr, c), blend<4>(kf.w, wr, c));
+    }
+    A.out[loc * C + c] = from_float<T>(acc);
+  }
+}
+
 // Weight gradient, first pass: block (tile of kTile locations of one sample, channel chunk).
 template <bool kDeform, typename T>
 __global__ void grad_weight_partial_kernel(Problem p, Operands<T> A, const T* zero_row,
@@ -274,7 +336,11 @@ ffi::Error dk_launch(cudaStream_t stream, ffi::ScratchAllocator& scratch, const 
         if (!grad_image) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "dk_jax: scratch");
       }
     }
-    if (locations > 0) {
+    const size_t tile_bytes = size_t(kLocs * taps * (1 + p.G)) * sizeof(CompactFootprint);
+    if (locations > 0 && M == Mode::kForward && tile_bytes <= kMaxTableBytes) {
+      forward_tile_kernel<kDeform, T><<<unsigned(ceil_div(locations, kLocs)), dim3(32, kLocs),
+                                        tile_bytes, stream>>>(p, A, zero_row);
+    } else if (locations > 0) {
       location_kernel<M, kDeform, T><<<unsigned(locations), threads, table_bytes, stream>>>(
           p, A, zero_row, grad_image, kernel_table);
     }

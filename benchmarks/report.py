@@ -1,0 +1,232 @@
+"""Writes docs/BENCHMARKS.md from the JSON results in benchmarks/results/ (run by `make bench`).
+
+    python -m benchmarks.report [--out docs/BENCHMARKS.md]
+
+Every ratio below is computed from rows of one run, measured side by side in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+RESULTS = "benchmarks/results"
+
+
+def load(name):
+    path = os.path.join(RESULTS, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def env_lines(env):
+    keys = [
+        "cpu_model",
+        "cpus",
+        "devices",
+        "python",
+        "jax",
+        "torch",
+        "torchvision",
+        "torch_threads",
+    ]
+    return [f"- {k}: {env[k]}" for k in keys if env.get(k) is not None]
+
+
+def ops_table(case_rows):
+    lines = [
+        "| implementation | fwd ms | fwd+bwd ms | fwd temp MB | fwd+bwd temp MB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, r in case_rows.items():
+        mem = r.get("fwd_temp_mb")
+        mem_s = f"{mem:.1f} | {r['fwd_bwd_temp_mb']:.1f}" if mem is not None else "- | -"
+        lines.append(f"| {name} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {mem_s} |")
+    return lines
+
+
+def floor_of(rows):
+    """The fastest rigid depthwise conv of the run, forward and forward+backward."""
+    rigid = {k: v for k, v in rows.items() if k.startswith("rigid")}
+    fwd = min(rigid.items(), key=lambda kv: kv[1]["fwd_ms"])
+    bwd = min(rigid.items(), key=lambda kv: kv[1]["fwd_bwd_ms"])
+    return fwd, bwd
+
+
+def verdict(ok):
+    return "met" if ok else "**missed**"
+
+
+def cpu_targets(ops):
+    rows = ops["cases"]["standard"]["rows"]
+    (ffwd_name, ffwd), (fbwd_name, fbwd) = floor_of(rows)
+    dk = rows["local DK ffi"]
+    xla = rows["local DK xla"]
+    r_fwd = dk["fwd_ms"] / ffwd["fwd_ms"]
+    r_bwd = dk["fwd_bwd_ms"] / fbwd["fwd_bwd_ms"]
+    mem = dk["fwd_bwd_temp_mb"] / max(xla["fwd_bwd_temp_mb"], 1e-9)
+    lines = [
+        f"- Floor, forward: {ffwd_name} {ffwd['fwd_ms']:.2f} ms; forward+backward: {fbwd_name} "
+        f"{fbwd['fwd_bwd_ms']:.2f} ms.",
+        f"- Local DK ffi forward / floor = {r_fwd:.2f}x (target <= 3x: {verdict(r_fwd <= 3)}); "
+        f"forward+backward / floor = {r_bwd:.2f}x (target <= 4x: {verdict(r_bwd <= 4)}).",
+        f"- Temporary memory, forward+backward: ffi {dk['fwd_bwd_temp_mb']:.1f} MB vs xla "
+        f"{xla['fwd_bwd_temp_mb']:.1f} MB = {mem:.4f} (target <= 0.25: {verdict(mem <= 0.25)}); "
+        f"forward+backward time xla / ffi = {xla['fwd_bwd_ms'] / dk['fwd_bwd_ms']:.0f}x.",
+    ]
+    tv = rows.get("DCN torchvision deform_conv2d (groups=C)")
+    dcn = rows["DCN ffi (zero rotation, S=K)"]
+    if tv:
+        a, b = tv["fwd_ms"] / dcn["fwd_ms"], tv["fwd_bwd_ms"] / dcn["fwd_bwd_ms"]
+        lines.append(
+            f"- DCN case: torchvision deform_conv2d / ffi = {a:.0f}x forward, {b:.0f}x "
+            f"forward+backward (target >= 20x: {verdict(min(a, b) >= 20)})."
+        )
+    else:
+        lines.append("- DCN case against torchvision: not measured (torch not installed).")
+    if "threads" in ops:
+        t1, t2 = ops["threads"]["1 thread(s)"], ops["threads"]["2 thread(s)"]
+        a, b = t1["fwd_ms"] / t2["fwd_ms"], t1["fwd_bwd_ms"] / t2["fwd_bwd_ms"]
+        lines.append(
+            f"- Two threads vs one (DK_JAX_NUM_THREADS=1 vs 2): {a:.2f}x forward, "
+            f"{b:.2f}x forward+backward (target >= 1.6x: {verdict(min(a, b) >= 1.6)})."
+        )
+    return lines
+
+
+def gpu_targets(ops):
+    rows = ops["cases"].get("standard N=64", {}).get("rows")
+    if not rows:
+        return ["- N=64 case not in this run."]
+    dk = rows["local DK ffi"]
+    conv = rows["rigid: lax.conv_general_dilated"]
+    r = dk["fwd_ms"] / conv["fwd_ms"]
+    lines = [
+        f"- N=64 forward: ffi {dk['fwd_ms']:.2f} ms vs XLA depthwise conv "
+        f"{conv['fwd_ms']:.2f} ms = {r:.2f}x (target <= 1.5x: {verdict(r <= 1.5)})."
+    ]
+    tv = rows.get("DCN torchvision deform_conv2d (groups=C)")
+    dcn = rows["DCN ffi (zero rotation, S=K)"]
+    if tv:
+        a, b = tv["fwd_ms"] / dcn["fwd_ms"], tv["fwd_bwd_ms"] / dcn["fwd_bwd_ms"]
+        lines.append(
+            f"- N=64 DCN case: torchvision / ffi = {a:.1f}x forward, {b:.1f}x "
+            f"forward+backward (target >= 5x: {verdict(min(a, b) >= 5)})."
+        )
+    return lines
+
+
+def sweep_lines(ops):
+    if "sweep" not in ops:
+        return []
+    lines = [
+        "| N | local DK ffi fwd ms | ms per sample | fwd+bwd ms | ms per sample | "
+        "rigid slices fwd ms | fwd+bwd ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, rows in ops["sweep"].items():
+        n = int(name.split("=")[1])
+        dk, fl = rows["local DK ffi"], rows["rigid: XLA shifted slices"]
+        lines.append(
+            f"| {n} | {dk['fwd_ms']:.2f} | {dk['fwd_ms'] / n:.2f} | "
+            f"{dk['fwd_bwd_ms']:.2f} | {dk['fwd_bwd_ms'] / n:.2f} | "
+            f"{fl['fwd_ms']:.2f} | {fl['fwd_bwd_ms']:.2f} |"
+        )
+    return lines
+
+
+def ops_section(title, ops, targets, command):
+    out = [
+        f"## {title}",
+        "",
+        f"Command: `{command}`",
+        "",
+        *env_lines(ops["environment"]),
+        "",
+        "### Targets",
+        "",
+        *targets(ops),
+        "",
+    ]
+    for name, case in ops["cases"].items():
+        c = case["case"]
+        out += [
+            f"### {name}: N={c['n']}, H=W={c['hw']}, C={c['c']}, K={c['k']}, "
+            f"scope {c['scope']}, stride {c['stride']}, pad {c['pad']}, "
+            f"rotation groups {c['groups']}",
+            "",
+            *ops_table(case["rows"]),
+            "",
+        ]
+    sweep = sweep_lines(ops)
+    if sweep:
+        out += ["### Batch-size sweep (standard shape)", "", *sweep, ""]
+    return out
+
+
+def models_section(models):
+    if models is None:
+        return ["## Models", "", "Not measured yet: run `python -m benchmarks.models`.", ""]
+    out = [
+        "## Models (train step)",
+        "",
+        f"Command: `{models.get('command', 'python -m benchmarks.models')}`",
+        "",
+        *env_lines(models["environment"]),
+        "",
+    ]
+    table = models.get("markdown")
+    if table:
+        out += [table, ""]
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="docs/BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    out = [
+        "# Benchmarks",
+        "",
+        "Regenerated by `make bench` (CPU) and `scripts/gpu_check.sh` (GPU rows). Times are "
+        "medians after warm-up with `block_until_ready`; temporary memory is XLA's "
+        "`compile().memory_analysis().temp_size_in_bytes`. Every ratio compares rows of the "
+        "same run. A miss is shown as a miss.",
+        "",
+    ]
+    cpu = load("ops_cpu.json")
+    if cpu:
+        out += ops_section(
+            "Operators, CPU (float32)",
+            cpu,
+            cpu_targets,
+            "python -m benchmarks.ops --json benchmarks/results/ops_cpu.json",
+        )
+    gpus = sorted(glob.glob(os.path.join(RESULTS, "ops_gpu_*.json")))
+    for path in gpus:
+        gpu = load(os.path.basename(path))
+        tag = os.path.basename(path)[len("ops_gpu_") : -len(".json")].upper()
+        out += ops_section(
+            f"Operators, GPU {tag} (float32)",
+            gpu,
+            gpu_targets,
+            "bash scripts/gpu_check.sh (python -m benchmarks.ops on the GPU)",
+        )
+    if not gpus:
+        out += ["## Operators, GPU", "", "Not measured: no GPU was available.", ""]
+    out += models_section(load("models_cpu.json"))
+    extra = os.path.join("docs", "BENCHMARKS_NOTES.md")
+    if os.path.exists(extra):
+        with open(extra) as f:
+            out += [f.read()]
+    with open(args.out, "w") as f:
+        f.write("\n".join(out) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
