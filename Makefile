@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup build demo test test-slow test-peers lint bench clean
+.PHONY: setup build demo demo-ops test test-slow test-peers lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,15 @@ $(STAMP): $(PY) pyproject.toml CMakeLists.txt $(wildcard xla_ffi/*)
 setup: $(STAMP)
 build: $(STAMP)
 
+# The main job on the embedded default: generate digits_deformed (first run only), train the
+# small ResNet with local deformable kernels, evaluate the final checkpoint. Writes
+# runs/digits_deformed/{summary.json, curves.png, metrics.jsonl}. Re-running resumes.
 demo: $(STAMP)
+	$(PY) -m train --config digits_deformed
+	$(PY) -m train.evaluate --checkpoint runs/digits_deformed
+
+# A short tour of the three operators (ffi against the reference, with timings).
+demo-ops: $(STAMP)
 	$(PY) scripts/demo_ops.py
 
 test: $(STAMP)
@@ -45,7 +53,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.report
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check dk_jax tests
+	$(VENV)/bin/ruff check dk_jax train tests benchmarks scripts
 
 clean:
 	rm -rf build $(VENV)

@@ -1,0 +1,18 @@
+"""ImageNet-style training of deformable-kernel networks (SPEC section 7).
+
+Layout, after flax's examples/imagenet:
+
+    main.py            command line: config file + overrides -> train.train_and_evaluate
+    config.py          the plain config object, file loading, `key=value` overrides
+    configs/*.py       one `get_config()` per experiment
+    train.py           create_train_state, train_step, eval_step, train_and_evaluate
+    input_pipeline.py  the ImageNet-layout folder -> sharded device batches
+    images.py          decoding and augmentation, run in the loader's worker processes
+    digits.py          generates the embedded `digits_deformed` dataset
+    models.py          ResNet-50-DW, MobileNet-V2, a small ResNet; one swappable `conv`
+    checkpoints.py     orbax checkpoints (atomic, keep last k) and exact resume
+    report.py          progress bar, metrics JSONL, curves PNG, summary.json
+    evaluate.py        `python -m train.evaluate --checkpoint RUN_DIR`
+
+Nothing in dk_jax imports this package.
+"""

@@ -1,0 +1,82 @@
+"""Every config key, with the defaults other configs start from (ImageNet-like values).
+
+Groups: `data` (the folder and the input pipeline), `model`, `optim`, `run` (the loop:
+logging, evaluation, checkpoints). A config may change values; it cannot add keys.
+"""
+
+from train.config import Config
+
+
+def get_config() -> Config:
+    return Config(
+        name="default",
+        # Run directory: checkpoints/, metrics.jsonl, config.json, curves.png, summary.json.
+        workdir="runs/default",
+        seed=0,
+        data=Config(
+            # root/{train,val}/<class>/<image>.{jpg,jpeg,png}
+            root="data/imagenet",
+            # If set and `root` does not exist, build that dataset there first ("digits_deformed").
+            generate="",
+            # Train crop side after random-resized-crop; eval: resize shorter side, centre crop.
+            image_size=224,
+            eval_resize=256,
+            crop_area=(0.08, 1.0),
+            crop_ratio=(3 / 4, 4 / 3),
+            flip=True,
+            channels=3,
+            # Per-channel mean and std on the 0..255 scale.
+            mean=(0.485 * 255, 0.456 * 255, 0.406 * 255),
+            std=(0.229 * 255, 0.224 * 255, 0.225 * 255),
+            # Decoding worker processes (0: decode in the main process) and batches in flight.
+            workers=4,
+            prefetch=4,
+            # A corrupt or unreadable image: "fatal" stops the run, "skip" drops it with a warning.
+            on_corrupt="fatal",
+            # Only used by `generate="digits_deformed"`.
+            digits_seed=0,
+            digits_train_copies=4,
+            digits_val_copies=2,
+            digits_size=32,
+        ),
+        model=Config(
+            arch="resnet50dw",  # resnet50dw | mobilenetv2 | small_resnet
+            # depthwise | dcn | global_dk | local_dk | dk_dcn | condconv
+            conv="depthwise",
+            # Indices of the stages whose 3x3 depthwise convs use `conv` (others stay rigid):
+            # resnet50dw / small_resnet: bottleneck stages; mobilenetv2: inverted-residual groups.
+            adaptive_stages=(2, 3),
+            scope_size=4,
+            rotation_groups=1,
+            # "scope", None, or a (min, max) pair (local_dk, dk_dcn).
+            rotation_clip="scope",
+            num_experts=4,  # condconv
+            width=64,  # small_resnet: first stage width; mobilenetv2: ignored
+            width_multiplier=1.0,  # mobilenetv2
+            stage_sizes=(1, 1, 1),  # small_resnet
+            stem_stride=1,  # small_resnet: stride of its 3x3 stem conv
+            num_classes=0,  # 0: the number of class folders
+            dtype="float32",  # compute dtype: float32 | bfloat16 (parameters stay float32)
+            # dk_jax implementation: None (ffi where built), "ffi" or "xla".
+            implementation=None,
+        ),
+        optim=Config(
+            batch_size=256,  # global, over all devices and hosts
+            num_epochs=90.0,
+            num_steps=0,  # > 0 overrides num_epochs
+            learning_rate=0.1,  # peak, reached after the warmup
+            warmup_epochs=5.0,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=5e-5,  # on kernels only, not on biases or norm scales
+            label_smoothing=0.1,
+        ),
+        run=Config(
+            log_every_steps=50,
+            eval_every_steps=0,  # 0: once per epoch
+            checkpoint_every_steps=1000,
+            keep_checkpoints=3,
+            progress=True,
+            tensorboard=False,  # needs tensorboardX
+        ),
+    )

@@ -1,0 +1,508 @@
+"""The training loop: create_train_state, train_step, eval_step, train_and_evaluate.
+
+After flax's examples/imagenet/train.py, with jax.sharding instead of pmap. The devices form
+a 1-D `Mesh` with axis "data"; a global batch is split over it, the TrainState is replicated.
+Both steps run under `jax.shard_map`, so each device applies the model to its own shard: the
+deformable-kernel custom calls see per-device arrays and XLA never gathers activations around
+them. Inside, gradients and metrics are averaged with `pmean` over "data", and BatchNorm
+averages its statistics over the same axis (so results do not depend on the device count
+beyond float rounding).
+
+A run is a pure function of (config, seed): the data order depends on (seed, epoch) only,
+dropout keys on (seed, step, device), and the state is checkpointed as a whole, so a run
+killed at any step and restarted with the same command ends bitwise where an uninterrupted
+run ends (on one platform and device count).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from train import input_pipeline, models, report
+from train.checkpoints import Checkpoints
+from train.config import Config, ConfigError
+from train.images import Augment
+
+log = logging.getLogger(__name__)
+AXIS = "data"
+
+
+class TrainState(train_state.TrainState):
+    """params, opt_state and step (flax), plus BatchNorm statistics and the run's PRNG key."""
+
+    batch_stats: Any
+    rng: jax.Array
+
+
+def create_mesh(devices=None) -> Mesh:
+    """All devices of all processes along one "data" axis."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (AXIS,))
+
+
+def create_learning_rate_fn(optim: Config, steps_per_epoch: int, total_steps: int):
+    """Linear warmup from 0 to `learning_rate` over `warmup_epochs`, then cosine decay to 0."""
+    warmup = min(int(optim.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=optim.learning_rate,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=0.0,
+    )
+
+
+def create_optimizer(optim: Config, learning_rate_fn) -> optax.GradientTransformation:
+    """SGD with (Nesterov) momentum; decoupled-from-loss L2 decay on kernels (ndim > 1) only."""
+
+    def decay_mask(params):
+        return jax.tree.map(lambda p: p.ndim > 1, params)
+
+    return optax.chain(
+        optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
+        optax.sgd(learning_rate_fn, momentum=optim.momentum, nesterov=optim.nesterov),
+    )
+
+
+def create_train_state(
+    rng: jax.Array,
+    model: nn.Module,
+    image_shape: tuple[int, ...],
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    abstract: bool = False,
+) -> TrainState:
+    """Initialises the model (eval mode, batch of 1) and the optimiser, replicated over the
+    mesh. `abstract=True` returns the jax.ShapeDtypeStructs only (for restoring)."""
+
+    def init(rng):
+        params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
+        variables = model.init(
+            {"params": params_rng, "dropout": dropout_rng},
+            jnp.zeros((1, *image_shape), jnp.float32),
+            train=False,
+        )
+        return TrainState.create(
+            apply_fn=model.apply,
+            params=variables["params"],
+            batch_stats=variables.get("batch_stats", {}),
+            tx=tx,
+            rng=state_rng,
+        )
+
+    replicated = NamedSharding(mesh, P())
+    if abstract:
+        shapes = jax.eval_shape(init, rng)
+        return jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes
+        )
+    return jax.jit(init, out_shardings=replicated)(rng)
+
+
+def normalize(image: jax.Array, mean, std) -> jax.Array:
+    """uint8 (N, H, W, C) -> float32 (image - mean) / std, per channel."""
+    c = image.shape[-1]
+    mean = jnp.asarray(mean[:c], jnp.float32)
+    std = jnp.asarray(std[:c], jnp.float32)
+    return (image.astype(jnp.float32) - mean) / std
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0):
+    """Per-example cross-entropy against one-hot labels smoothed by `label_smoothing`."""
+    targets = jax.nn.one_hot(labels, logits.shape[-1])
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def correct_top_k(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """1.0 where the label is among the k largest logits, per example."""
+    k = min(k, logits.shape[-1])
+    label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+    # Rank = number of classes with a strictly larger logit (ties count in the label's favour).
+    rank = jnp.sum(logits > label_logit, axis=-1)
+    return (rank < k).astype(jnp.float32)
+
+
+def train_step(
+    state: TrainState, batch: dict, *, learning_rate_fn, label_smoothing: float, mean, std
+) -> tuple[TrainState, dict]:
+    """One SGD step on this device's shard of the batch (run under shard_map over "data")."""
+    image = normalize(batch["image"], mean, std)
+    labels = batch["label"]
+    dropout_rng = jax.random.fold_in(
+        jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(AXIS)
+    )
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            image,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": dropout_rng},
+        )
+        loss = jnp.mean(cross_entropy(logits, labels, label_smoothing))
+        return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # Every shard has the same size, so the mean of the shard gradients is the gradient of the
+    # global mean loss.
+    grads = jax.lax.pmean(grads, AXIS)
+    metrics = jax.lax.pmean(
+        {
+            "train_loss": loss,
+            "train_top1": jnp.mean(correct_top_k(logits, labels, 1)),
+            "train_top5": jnp.mean(correct_top_k(logits, labels, 5)),
+        },
+        AXIS,
+    )
+    metrics["learning_rate"] = learning_rate_fn(state.step)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    return state, metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, mean, std) -> dict:
+    """Sums of loss, top-1 and top-5 hits and example count over the global batch (padding and
+    skipped images have mask 0)."""
+    image = normalize(batch["image"], mean, std)
+    logits = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats}, image, train=False
+    )
+    mask = batch["mask"]
+    sums = {
+        "loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
+        "top1": jnp.sum(correct_top_k(logits, batch["label"], 1) * mask),
+        "top5": jnp.sum(correct_top_k(logits, batch["label"], 5) * mask),
+        "count": jnp.sum(mask),
+    }
+    return jax.lax.psum(sums, AXIS)
+
+
+def compile_steps(mesh: Mesh, learning_rate_fn, config: Config):
+    """jit(shard_map(step)) for training and evaluation: state replicated, batch split over
+    "data". check_vma is off because the dk_jax primitives do not track which values vary
+    across devices (with it on, their gradients would be wrong under shard_map)."""
+    data = config.data
+    p_train = jax.jit(
+        jax.shard_map(
+            partial(
+                train_step,
+                learning_rate_fn=learning_rate_fn,
+                label_smoothing=config.optim.label_smoothing,
+                mean=data.mean,
+                std=data.std,
+            ),
+            mesh=mesh,
+            in_specs=(P(), P(AXIS)),
+            out_specs=(P(), P()),
+            check_vma=False,
+        ),
+        donate_argnums=0,
+    )
+    p_eval = jax.jit(
+        jax.shard_map(
+            partial(eval_step, mean=data.mean, std=data.std),
+            mesh=mesh,
+            in_specs=(P(), P(AXIS)),
+            out_specs=P(),
+            check_vma=False,
+        )
+    )
+    return p_train, p_eval
+
+
+def augmentations(data: Config) -> tuple[Augment, Augment]:
+    common = dict(
+        image_size=data.image_size,
+        eval_resize=data.eval_resize,
+        channels=data.channels,
+        skip_corrupt=data.on_corrupt == "skip",
+    )
+    return (
+        Augment(
+            train=True,
+            crop_area=tuple(data.crop_area),
+            crop_ratio=tuple(data.crop_ratio),
+            flip=data.flip,
+            **common,
+        ),
+        Augment(train=False, **common),
+    )
+
+
+def check_config(config: Config) -> None:
+    """Rejects values that would fail later, with the key in the message."""
+    data, optim = config.data, config.optim
+    if data.on_corrupt not in ("fatal", "skip"):
+        raise ConfigError(f"data.on_corrupt must be 'fatal' or 'skip', got {data.on_corrupt!r}")
+    if data.channels not in (1, 3):
+        raise ConfigError(f"data.channels must be 1 or 3, got {data.channels!r}")
+    if data.generate not in ("", "digits_deformed"):
+        raise ConfigError(f"data.generate must be '' or 'digits_deformed', got {data.generate!r}")
+    if len(data.mean) < data.channels or len(data.std) < data.channels:
+        raise ConfigError("data.mean and data.std need one value per channel")
+    if optim.batch_size < 1:
+        raise ConfigError(f"optim.batch_size must be positive, got {optim.batch_size}")
+    if config.model.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(
+            f"model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}"
+        )
+    if config.model.conv not in models.CONVS:
+        raise ConfigError(
+            f"model.conv={config.model.conv!r} is not one of {', '.join(models.CONVS)}"
+        )
+    if config.model.arch not in models.ARCHS:
+        raise ConfigError(
+            f"model.arch={config.model.arch!r} is not one of {', '.join(models.ARCHS)}"
+        )
+
+
+def prepare_data(config: Config):
+    """Generates the embedded dataset when asked to and missing; returns (train, val) splits."""
+    root = Path(config.data.root)
+    if config.data.generate == "digits_deformed":
+        from train import digits
+
+        if not root.exists():
+            log.info("generating digits_deformed in %s (once)", root)
+        digits.generate(
+            root,
+            seed=config.data.digits_seed,
+            train_copies=config.data.digits_train_copies,
+            val_copies=config.data.digits_val_copies,
+            size=config.data.digits_size,
+        )
+    train_split = input_pipeline.read_split(root, "train")
+    val_split = input_pipeline.read_split(root, "val", train_split.classes)
+    return train_split, val_split
+
+
+def num_classes_of(config: Config, classes) -> int:
+    n = config.model.num_classes
+    if n and n != len(classes):
+        raise ConfigError(f"model.num_classes={n} but the dataset has {len(classes)} classes")
+    return n or len(classes)
+
+
+def params_digest(params) -> str:
+    """sha256 over every parameter's bytes in tree order: equal digests = bitwise-equal params."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(jax.device_get(params)):
+        h.update(np.ascontiguousarray(leaf).tobytes())
+    return h.hexdigest()
+
+
+def count_params(params) -> int:
+    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+
+
+def evaluate(p_eval, state, val_split, aug, mesh, loader, batch_size: int) -> dict:
+    """Loss, top-1 and top-5 (fractions) over the whole val split."""
+    totals = None
+    for batch in input_pipeline.eval_iterator(
+        val_split, aug, mesh, loader, global_batch=batch_size
+    ):
+        sums = p_eval(state, batch)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = max(float(totals["count"]), 1.0)
+    return {
+        "val_loss": float(totals["loss"]) / count,
+        "val_top1": float(totals["top1"]) / count,
+        "val_top5": float(totals["top5"]) / count,
+        "val_images": int(totals["count"]),
+    }
+
+
+def _eval_batch_size(config: Config, mesh: Mesh) -> int:
+    b = config.optim.batch_size
+    return -(-b // mesh.size) * mesh.size
+
+
+def train_and_evaluate(config: Config, workdir: str | Path | None = None) -> dict:
+    """Trains (resuming from workdir/checkpoints if there is one), evaluates, and writes
+    metrics.jsonl, curves.png and summary.json to the workdir; returns the summary."""
+    t_start = time.time()
+    check_config(config)
+    workdir = Path(workdir or config.workdir)
+    is_main = jax.process_index() == 0
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = create_mesh()
+    data, optim, run = config.data, config.optim, config.run
+    if optim.batch_size % mesh.size or optim.batch_size % jax.process_count():
+        raise ConfigError(
+            f"optim.batch_size={optim.batch_size} must be divisible by the number of devices "
+            f"({mesh.size}) and of processes ({jax.process_count()})"
+        )
+
+    train_split, val_split = prepare_data(config)
+    num_classes = num_classes_of(config, train_split.classes)
+    steps_per_epoch = len(train_split) // optim.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"the train split has {len(train_split)} images, fewer than one batch "
+            f"(optim.batch_size={optim.batch_size})"
+        )
+    total_steps = optim.num_steps or max(1, int(math.ceil(optim.num_epochs * steps_per_epoch)))
+    eval_every = run.eval_every_steps or steps_per_epoch
+
+    model = models.create_model(config.model, num_classes)
+    learning_rate_fn = create_learning_rate_fn(optim, steps_per_epoch, total_steps)
+    tx = create_optimizer(optim, learning_rate_fn)
+    image_shape = (data.image_size, data.image_size, data.channels)
+    rng = jax.random.PRNGKey(config.seed)
+
+    checkpoints = Checkpoints(
+        workdir / "checkpoints", every=run.checkpoint_every_steps, keep=run.keep_checkpoints
+    )
+    resumed_from = checkpoints.latest_step()
+    if resumed_from is not None:
+        abstract = create_train_state(rng, model, image_shape, tx, mesh, abstract=True)
+        state, _ = checkpoints.restore(abstract, resumed_from)
+        log.info("resumed from %s at step %d", checkpoints.directory, resumed_from)
+    else:
+        state = create_train_state(rng, model, image_shape, tx, mesh)
+    start_step = int(jax.device_get(state.step))
+    n_params = count_params(state.params)
+    if is_main:
+        report.write_json_atomic(workdir / "config.json", config.to_dict())
+    metrics_log = report.MetricsLog(
+        workdir, resume_step=start_step, enabled=is_main, tensorboard=run.tensorboard
+    )
+
+    p_train, p_eval = compile_steps(mesh, learning_rate_fn, config)
+    train_aug, eval_aug = augmentations(data)
+    eval_batch = _eval_batch_size(config, mesh)
+    log.info(
+        "%s: %s/%s, %d params, %d train / %d val images, %d classes, %d steps "
+        "(%d per epoch), %d devices",
+        config.name,
+        config.model.arch,
+        config.model.conv,
+        n_params,
+        len(train_split),
+        len(val_split),
+        num_classes,
+        total_steps,
+        steps_per_epoch,
+        mesh.size,
+    )
+
+    val = {}
+    t_loop = time.time()
+    with input_pipeline.Loader(data.workers, data.prefetch) as loader:
+        batches = input_pipeline.train_iterator(
+            train_split,
+            train_aug,
+            mesh,
+            loader,
+            seed=config.seed,
+            start_step=start_step,
+            num_steps=total_steps,
+            global_batch=optim.batch_size,
+        )
+        bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc=config.name,
+            unit="step",
+            disable=not (run.progress and is_main),
+            dynamic_ncols=True,
+        )
+        pending, t_log, n_log, t_paused = [], time.time(), 0, 0.0
+        for step in range(start_step + 1, total_steps + 1):
+            batch = next(batches)
+            state, metrics = p_train(state, batch)
+            pending.append(metrics)
+            n_log += 1
+            bar.update(1)
+            if step % run.log_every_steps == 0 or step == total_steps:
+                event = {
+                    k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]
+                }
+                elapsed = time.time() - t_log - t_paused
+                event.update(
+                    step=step,
+                    epoch=step / steps_per_epoch,
+                    images_per_s=n_log * optim.batch_size / max(elapsed, 1e-9),
+                )
+                metrics_log.write(event)
+                bar.set_postfix(
+                    {
+                        "img/s": f"{event['images_per_s']:.0f}",
+                        "loss": f"{event['train_loss']:.3f}",
+                        "lr": f"{event['learning_rate']:.3g}",
+                    }
+                )
+                pending, t_log, n_log, t_paused = [], time.time(), 0, 0.0
+            if step % eval_every == 0 or step == total_steps:
+                t_eval = time.time()
+                val = evaluate(p_eval, state, val_split, eval_aug, mesh, loader, eval_batch)
+                metrics_log.write({"step": step, "epoch": step / steps_per_epoch, **val})
+                bar.write(
+                    f"step {step}: val top-1 {val['val_top1']:.4f}, "
+                    f"top-5 {val['val_top5']:.4f}, loss {val['val_loss']:.4f}"
+                )
+                t_paused += time.time() - t_eval  # images/s counts training steps only
+            meta = {"step": step, "epoch": step / steps_per_epoch, "config": config.name}
+            checkpoints.save(step, state, meta, force=step == total_steps)
+        bar.close()
+        if not val:  # nothing left to train: the run had already finished
+            val = evaluate(p_eval, state, val_split, eval_aug, mesh, loader, eval_batch)
+    t_train = time.time() - t_loop
+    if start_step == total_steps and checkpoints.latest_step() != total_steps:
+        checkpoints.save(total_steps, state, {"step": total_steps}, force=True)
+    checkpoints.wait()
+    checkpoints.close()
+    metrics_log.close()
+
+    summary = {
+        "config": config.name,
+        "arch": config.model.arch,
+        "conv": config.model.conv,
+        "val_top1": val["val_top1"],
+        "val_top5": val["val_top5"],
+        "val_loss": val["val_loss"],
+        "val_images": val["val_images"],
+        "steps": total_steps,
+        "resumed_from": resumed_from,
+        "steps_this_run": total_steps - start_step,
+        "train_s": t_train,
+        "wall_s": time.time() - t_start,
+        "params": n_params,
+        "params_sha256": params_digest(state.params),
+        "devices": mesh.size,
+        "batch_size": optim.batch_size,
+        "workdir": str(workdir),
+    }
+    if is_main:
+        report.write_json_atomic(workdir / "summary.json", summary)
+        report.plot_curves(
+            report.read_metrics(workdir / "metrics.jsonl"),
+            workdir / "curves.png",
+            title=f"{config.name}: {config.model.arch} / {config.model.conv}",
+        )
+        print(
+            json.dumps(
+                {k: summary[k] for k in ("config", "val_top1", "val_top5", "steps", "wall_s")}
+            )
+        )
+    return summary
