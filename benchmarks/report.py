@@ -198,10 +198,18 @@ def main(argv=None):
         "same run. A miss is shown as a miss.",
         "",
     ]
+    quick = load("ops_cpu_quick.json")
+    if quick:
+        out += ops_section(
+            "Operators, CPU (float32), standard shape on a quiet machine",
+            quick,
+            cpu_targets,
+            "python -m benchmarks.ops --quick --json benchmarks/results/ops_cpu_quick.json",
+        )
     cpu = load("ops_cpu.json")
     if cpu:
         out += ops_section(
-            "Operators, CPU (float32)",
+            "Operators, CPU (float32), all cases (machine shared with other jobs)",
             cpu,
             cpu_targets,
             "python -m benchmarks.ops --json benchmarks/results/ops_cpu.json",
