@@ -17,11 +17,6 @@ from dk_jax import primitives as prims
 
 IntOrPair = int | tuple[int, int]
 
-_GEOMETRY = ("kernel_size", "stride", "padding", "dilation", "rotation_groups")
-# The reference runs jitted, so eager calls compile once per shape instead of op by op.
-_xla_sample = jax.jit(reference.sample_depthwise, static_argnames=_GEOMETRY)
-_xla_deform = jax.jit(reference.deform_sample_depthwise, static_argnames=_GEOMETRY)
-_xla_nd = jax.jit(reference.nd_linear_sample)
 
 
 def _use_ffi(implementation: str | None, *arrays: Any) -> bool:
@@ -131,7 +126,7 @@ def sample_depthwise(
         x, rotation, weight, None, kernel_size, stride, padding, dilation, rotation_groups
     )
     if not _use_ffi(implementation, x, rotation, weight):
-        return _xla_sample(x, rotation, weight, **geo)
+        return reference.sample_depthwise(x, rotation, weight, **geo)
     return prims.bind(
         "forward",
         deformable=False,
@@ -173,7 +168,7 @@ def deform_sample_depthwise(
         x, rotation, weight, offset, kernel_size, stride, padding, dilation, rotation_groups
     )
     if not _use_ffi(implementation, x, offset, rotation, weight):
-        return _xla_deform(x, offset, rotation, weight, **geo)
+        return reference.deform_sample_depthwise(x, offset, rotation, weight, **geo)
     return prims.bind(
         "forward",
         deformable=True,
@@ -213,11 +208,11 @@ def nd_linear_sample(
             f"got {tuple(coord.shape)}"
         )
     if not _use_ffi(implementation, data, coord):
-        return _xla_nd(data, coord)
+        return reference.nd_linear_sample(data, coord)
     if dims > 6:
         if implementation == "ffi":
             raise ValueError(f"the ffi nd_linear_sample supports up to 6 dimensions, got {dims}")
-        return _xla_nd(data, coord)
+        return reference.nd_linear_sample(data, coord)
     return prims.nd_bind("forward", data=data[None], coord=coord[None])[0]
 
 

@@ -144,6 +144,16 @@ def _is_zero(t) -> bool:
     return type(t) is ad.Zero
 
 
+def _sum_tangents(out, terms):
+    """The output tangent: the sum of the per-argument terms, or a symbolic zero."""
+    if not terms:
+        return ad.Zero.from_primal_value(out)
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
+
+
 def _dk_jvp(mode, primals, tangents, *, deformable, geometry, **params):
     p = dk_p[mode]
     named = _named(mode, deformable, primals)
@@ -169,12 +179,7 @@ def _dk_jvp(mode, primals, tangents, *, deformable, geometry, **params):
                 f"dk_jax: the derivative of dk_{mode} with respect to {role} is not implemented "
                 "(second derivatives in rotation/offset)"
             )
-    if not terms:
-        return out, ad.Zero.from_primal_value(out)
-    tangent_out = terms[0]
-    for t in terms[1:]:
-        tangent_out = tangent_out + t
-    return out, tangent_out
+    return out, _sum_tangents(out, terms)
 
 
 for _mode, _p in dk_p.items():
@@ -363,12 +368,7 @@ def _nd_jvp(mode, primals, tangents, **params):
             raise NotImplementedError(
                 f"dk_jax: the derivative of dk_nd_{mode} with respect to {role} is not implemented"
             )
-    if not terms:
-        return out, ad.Zero.from_primal_value(out)
-    tangent_out = terms[0]
-    for t in terms[1:]:
-        tangent_out = tangent_out + t
-    return out, tangent_out
+    return out, _sum_tangents(out, terms)
 
 
 def _nd_transpose(mode, ct, *args, **params):

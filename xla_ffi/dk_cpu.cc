@@ -320,9 +320,6 @@ void dk_run(ffi::ThreadPool* pool, const Problem& p, const Operands<T>& A) {
     } else {
       for (int64_t k = 0; k < p.N * S * C; ++k) A.out[k] = from_float<T>(float(totals[k]));
     }
-    if (n_chunks == 0) {
-      for (int64_t k = 0; k < p.Nw * S * C; ++k) A.out[k] = from_float<T>(0.f);
-    }
     return;
   }
 
