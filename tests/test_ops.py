@@ -83,6 +83,8 @@ CASES = [
     dict(k=(3, 3), s=(4, 4), n=1, c=13, spread=4.0),
     dict(k=(3, 3), s=(6, 6), n=3, c=11, spread=6.0, stride=(2, 2), pad=(2, 2)),
     dict(k=(4, 4), s=(4, 4), pad=(1, 2)),
+    # 83 = 64 + 16 + 3 channels: every channel block of the one-group CPU forward.
+    dict(k=(3, 3), s=(4, 4), c=83, n=1, h=5, w=6),
 ]
 
 
@@ -118,11 +120,12 @@ def test_nd_linear_sample_matches_reference(rng, dims):
     assert rel_err(ffi, xla) <= 1e-5
 
 
+@pytest.mark.parametrize("groups, c", [(2, 6), (1, 83)])
 @pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 2e-2), (jnp.float16, 2e-3)])
-def test_low_precision_agrees_with_float32(rng, dtype, tol):
+def test_low_precision_agrees_with_float32(rng, dtype, tol, groups, c):
     # Inputs are rounded to the low precision first, so the only differences are in the
     # output rounding (accumulation is float32 on both sides).
-    a, geo = make_case(rng, k=(3, 3), s=(4, 4), groups=2, spread=1.0, dtype=dtype)
+    a, geo = make_case(rng, k=(3, 3), s=(4, 4), groups=groups, c=c, spread=1.0, dtype=dtype)
     up = {k: v.astype(jnp.float32) for k, v in a.items()}
     args = ("x", "offset", "rotation", "weight")
     low = dk_jax.deform_sample_depthwise(*[a[k] for k in args], **geo, implementation="ffi")

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -201,12 +202,59 @@ void dk_row(const Problem& p, const Operands<T>& A, const T* zero_row, int64_t n
 // Forward with one rotation group, the common case: the footprints of a location's taps are
 // computed once into a small table, then channels are swept in blocks of kBlock whose
 // accumulators stay in registers across all taps.
+// Channel blocks of the one-group forward. The float path holds kVecs vectors of 16 channels
+// (GCC/Clang vector extensions: zmm registers with AVX-512, pairs of ymm with AVX2) in
+// registers across all taps; other types and the remainder go one channel at a time.
+typedef float f32x16 __attribute__((vector_size(64)));
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <int kVecs, int NI, int NR>
+inline void forward_block(const float* const* rows, const float* weights, int64_t taps,
+                          int64_t c0, float* out) {
+  f32x16 acc[kVecs] = {};
+  for (int64_t tap = 0; tap < taps; ++tap) {
+    const float* const* tr = rows + tap * NR;
+    const float* tw = weights + tap * NR;
+    for (int v = 0; v < kVecs; ++v) {
+      const int64_t c = c0 + 16 * v;
+      // A rigid tap reads one pixel with weight exactly 1 (or the zero row): skip the multiply.
+      const f32x16 image = NI == 1 ? load16(tr[0] + c) : blend_values<NI, f32x16>(tw, [&](int k) {
+        return load16(tr[k] + c);
+      });
+      const f32x16 kernel =
+          blend_values<4, f32x16>(tw + NI, [&](int k) { return load16(tr[NI + k] + c); });
+      acc[v] += tap_product(image, kernel);
+    }
+  }
+  std::memcpy(out + c0, acc, sizeof acc);
+}
+
+// Any type: kBlock channels whose float accumulators the compiler vectorises (bf16, f16, and
+// the float remainder with kBlock = 1).
+template <int64_t kBlock, int NI, int NR, typename T>
+inline void forward_channels(const T* const* rows, const float* weights, int64_t taps,
+                             int64_t c0, T* out) {
+  float acc[kBlock] = {};
+  for (int64_t tap = 0; tap < taps; ++tap) {
+    const T* const* tr = rows + tap * NR;
+    const float* tw = weights + tap * NR;
+    for (int64_t c = 0; c < kBlock; ++c) {
+      acc[c] += tap_product(blend<NI>(tw, tr, c0 + c), blend<4>(tw + NI, tr + NI, c0 + c));
+    }
+  }
+  for (int64_t c = 0; c < kBlock; ++c) out[c0 + c] = from_float<T>(acc[c]);
+}
+
 template <bool kDeform, typename T>
 void forward_row_one_group(const Problem& p, const Operands<T>& A, const T* zero_row, int64_t n,
                            int64_t i, std::vector<const T*>& rows, std::vector<float>& weights) {
   constexpr int NI = kDeform ? 4 : 1;
   constexpr int NR = NI + 4;  // image corners, then kernel corners
-  constexpr int64_t kBlock = 16;
   const int64_t C = p.C, taps = p.taps();
   const T* x_n = A.x + n * p.H * p.W * C;
   const T* w_n = A.weight + (p.Nw == 1 ? 0 : n) * p.scope() * C;
@@ -216,43 +264,30 @@ void forward_row_one_group(const Problem& p, const Operands<T>& A, const T* zero
     const int64_t loc = (n * p.Ho + i) * p.Wo + j;
     const T* rot = A.rotation + loc * taps * 2;
     const T* off = kDeform ? A.offset + loc * taps * 2 : nullptr;
-    for (int64_t tap = 0; tap < taps; ++tap) {
-      const int64_t a = tap / p.Kw, b = tap % p.Kw;
-      const Footprint img = image_footprint<kDeform>(p, off, i, j, a, b);
-      const Footprint kf = kernel_footprint(p, rot, a, b, 0);
-      const T** r = rows.data() + tap * NR;
-      float* w = weights.data() + tap * NR;
-      for (int k = 0; k < NI; ++k) {
-        r[k] = img.index[k] >= 0 ? x_n + img.index[k] * C : zero_row;
-        w[k] = img.w[k];
-      }
-      for (int k = 0; k < 4; ++k) {
-        r[NI + k] = kf.index[k] >= 0 ? w_n + kf.index[k] * C : zero_row;
-        w[NI + k] = kf.w[k];
+    const T** r = rows.data();
+    float* w = weights.data();
+    for (int64_t a = 0; a < p.Kh; ++a) {
+      for (int64_t b = 0; b < p.Kw; ++b, r += NR, w += NR) {
+        const Footprint img = image_footprint<kDeform>(p, off, i, j, a, b);
+        const Footprint kf = kernel_footprint(p, rot, a, b, 0);
+        for (int k = 0; k < NI; ++k) {
+          r[k] = img.index[k] >= 0 ? x_n + img.index[k] * C : zero_row;
+          w[k] = img.w[k];
+        }
+        for (int k = 0; k < 4; ++k) {
+          r[NI + k] = kf.index[k] >= 0 ? w_n + kf.index[k] * C : zero_row;
+          w[NI + k] = kf.w[k];
+        }
       }
     }
     T* out = A.out + loc * C;
     int64_t c0 = 0;
-    for (; c0 + kBlock <= C; c0 += kBlock) {
-      float acc[kBlock] = {};
-      for (int64_t tap = 0; tap < taps; ++tap) {
-        const T* const* r = rows.data() + tap * NR;
-        const float* w = weights.data() + tap * NR;
-        for (int64_t c = 0; c < kBlock; ++c) {
-          acc[c] += tap_product(blend<NI>(w, r, c0 + c), blend<4>(w + NI, r + NI, c0 + c));
-        }
-      }
-      for (int64_t c = 0; c < kBlock; ++c) out[c0 + c] = from_float<T>(acc[c]);
+    if constexpr (std::is_same<T, float>::value) {
+      for (; c0 + 64 <= C; c0 += 64) forward_block<4, NI, NR>(rows.data(), weights.data(), taps, c0, out);
+      for (; c0 + 16 <= C; c0 += 16) forward_block<1, NI, NR>(rows.data(), weights.data(), taps, c0, out);
     }
-    for (; c0 < C; ++c0) {
-      float acc = 0.f;
-      for (int64_t tap = 0; tap < taps; ++tap) {
-        const T* const* r = rows.data() + tap * NR;
-        const float* w = weights.data() + tap * NR;
-        acc += tap_product(blend<NI>(w, r, c0), blend<4>(w + NI, r + NI, c0));
-      }
-      out[c0] = from_float<T>(acc);
-    }
+    for (; c0 + 16 <= C; c0 += 16) forward_channels<16, NI, NR>(rows.data(), weights.data(), taps, c0, out);
+    for (; c0 < C; ++c0) forward_channels<1, NI, NR>(rows.data(), weights.data(), taps, c0, out);
   }
 }
 

@@ -127,20 +127,35 @@ DK_HD Footprint image_footprint(const Problem& p, const T* off, int64_t i, int64
                             float(wp) + to_float(off[2 * tap + 1]), p.H, p.W);
 }
 
-// Blend of channel c of the NC corners of a footprint over rows of channel values:
-// sum_k weight[k] * row[k][c]. Rows of absent corners point at a zero row and carry weight 0.
+// Blend of the NC corners of a footprint given each corner's value: sum_k weight[k] * value(k).
+// V is float, or on the CPU a vector of channels. Four corners are summed as two pairs, which
+// halves the dependent chain of multiply-adds.
+template <int NC, typename V, typename Value>
+DK_HD V blend_values(const float* weight, const Value& value) {
+  if constexpr (NC == 4) {
+    return (weight[0] * value(0) + weight[1] * value(1)) +
+           (weight[2] * value(2) + weight[3] * value(3));
+  } else {
+    V acc = weight[0] * value(0);
+    for (int k = 1; k < NC; ++k) acc += weight[k] * value(k);
+    return acc;
+  }
+}
+
+// Blend of channel c of the NC corners of a footprint over rows of channel values. Rows of
+// absent corners point at a zero row and carry weight 0.
 template <int NC, typename T>
 DK_HD float blend(const float* weight, const T* const* rows, int64_t c) {
-  float acc = 0.f;
-#pragma unroll
-  for (int k = 0; k < NC; ++k) acc += weight[k] * to_float(rows[k][c]);
-  return acc;
+  return blend_values<NC, float>(weight, [&](int k) { return to_float(rows[k][c]); });
 }
 
 // Pieces of the gradients, one element each. y = sum_taps image * kernel, so:
 //   dy/d(image tap) = kernel, dy/d(kernel tap) = image,
 //   dy/d(rotation_t) = image * d(kernel)/d(pos_t), dy/d(offset_t) = kernel * d(image)/d(pos_t).
-DK_HD float tap_product(float image, float kernel) { return image * kernel; }
+template <typename V>
+DK_HD V tap_product(V image, V kernel) {
+  return image * kernel;
+}
 DK_HD float position_tangent(float d_du, float d_dv, float tu, float tv) {
   return d_du * tu + d_dv * tv;
 }
