@@ -16,7 +16,15 @@ from dk_jax.modules import (
     LocalDeformKernel2d,
     SampleDepthwise,
 )
-from dk_jax.ops import deform_sample_depthwise, nd_linear_sample, sample_depthwise
+from dk_jax.ops import (
+    deform_sample_conv,
+    deform_sample_depthwise,
+    deform_scope_im2col,
+    nd_linear_sample,
+    sample_conv,
+    sample_depthwise,
+    scope_im2col,
+)
 
 __all__ = [
     "CondConv2d",
@@ -27,9 +35,13 @@ __all__ = [
     "GlobalDeformKernel2d",
     "LocalDeformKernel2d",
     "SampleDepthwise",
+    "deform_sample_conv",
     "deform_sample_depthwise",
+    "deform_scope_im2col",
     "ffi_available",
     "nd_linear_sample",
+    "sample_conv",
     "sample_depthwise",
+    "scope_im2col",
 ]
 __version__ = "0.1.0"

@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from dk_jax import _checks, _ffi, reference
 from dk_jax import primitives as prims
 
 IntOrPair = int | tuple[int, int]
-
 
 
 def _use_ffi(implementation: str | None, *arrays: Any) -> bool:
@@ -214,6 +214,208 @@ def nd_linear_sample(
             raise ValueError(f"the ffi nd_linear_sample supports up to 6 dimensions, got {dims}")
         return reference.nd_linear_sample(data, coord)
     return prims.nd_bind("forward", data=data[None], coord=coord[None])[0]
+
+
+def _cols_geometry(
+    x, rotation, offset, scope_size, kernel_size, stride, padding, dilation, rotation_groups
+):
+    """Checks the arguments of the columns ops; returns normalised geometry and the scope."""
+    kh, kw = _checks.pair(kernel_size, "kernel_size", minimum=1)
+    sh, sw = _checks.pair(scope_size, "scope_size", minimum=1)
+    if sh < kh or sw < kw:
+        raise ValueError(
+            f"scope_size {(sh, sw)} is smaller than kernel_size {(kh, kw)}: "
+            "the scope must be at least the kernel size"
+        )
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"x must be an array, got {type(x).__name__}")
+    _checks.rank(x, "x", 4, "(N, H, W, C)")
+    # The columns play the weight's part: a scope-sized plane per channel.
+    weight = jax.ShapeDtypeStruct((sh, sw, x.shape[-1]), x.dtype)
+    geo = _depthwise_geometry(
+        x, rotation, weight, offset, (kh, kw), stride, padding, dilation, rotation_groups
+    )
+    return geo, (sh, sw)
+
+
+def scope_im2col(
+    x: jax.Array,
+    rotation: jax.Array,
+    *,
+    kernel_size: IntOrPair,
+    scope_size: IntOrPair,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
+    rotation_groups: int = 1,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Scope-space im2col: per output location, each scope position's share of the image.
+
+        cols[n,i,j,s,t,c] = sum_{a<Kh, b<Kw} X(n, i*sh - ph + a*dh, j*sw - pw + b*dw, c)
+                            * beta_{s,t}(a + r_y + (Sh-Kh)/2, b + r_x + (Sw-Kw)/2)
+
+    where beta_{s,t}(u, v) is the bilinear weight of scope position (s, t) in a read at (u, v)
+    (zero-outside rule of SPEC section 3) and (r_y, r_x) the rotation of tap (a, b), group
+    c % rotation_groups. Any kernel W over the scope then gives the local deformable
+    convolution as one matmul: y[n,i,j,f] = sum_{s,t,c} cols[n,i,j,s,t,c] * W[s,t,c,f]; with a
+    depthwise W this is `sample_depthwise`.
+
+    Args:
+      x: (N, H, W, C); rotation: (N, Ho, Wo, G*Kh*Kw*2).
+      scope_size: (Sh, Sw) >= kernel_size, an int or a pair.
+      Other arguments as in `sample_depthwise`.
+
+    Returns:
+      (N, Ho, Wo, Sh, Sw, C) in the dtype of x.
+    """
+    geo, scope = _cols_geometry(
+        x, rotation, None, scope_size, kernel_size, stride, padding, dilation, rotation_groups
+    )
+    if not _use_ffi(implementation, x, rotation):
+        return reference.scope_im2col(x, rotation, scope_size=scope, **geo)
+    return prims.cols_bind(
+        "forward", deformable=False, geometry=(*_flat(geo), *scope), x=x, rotation=rotation
+    )
+
+
+def deform_scope_im2col(
+    x: jax.Array,
+    offset: jax.Array,
+    rotation: jax.Array,
+    *,
+    kernel_size: IntOrPair,
+    scope_size: IntOrPair,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
+    rotation_groups: int = 1,
+    implementation: str | None = None,
+) -> jax.Array:
+    """`scope_im2col` whose image taps are read bilinearly at the offset positions, as in
+    `deform_sample_depthwise`. offset: (N, Ho, Wo, Kh*Kw*2). Returns (N, Ho, Wo, Sh, Sw, C)."""
+    geo, scope = _cols_geometry(
+        x, rotation, offset, scope_size, kernel_size, stride, padding, dilation, rotation_groups
+    )
+    if not _use_ffi(implementation, x, offset, rotation):
+        return reference.deform_scope_im2col(x, offset, rotation, scope_size=scope, **geo)
+    return prims.cols_bind(
+        "forward",
+        deformable=True,
+        geometry=(*_flat(geo), *scope),
+        x=x,
+        offset=offset,
+        rotation=rotation,
+    )
+
+
+def _conv_groups(x, kernel, feature_group_count):
+    """Checks a grouped scope kernel (Sh, Sw, C/groups, F) against x; returns groups."""
+    _checks.rank(kernel, "kernel", 4, "(Sh, Sw, C/feature_group_count, F)")
+    groups = _checks.positive_int(feature_group_count, "feature_group_count")
+    c, (cg, f) = x.shape[-1], kernel.shape[2:]
+    if c % groups or f % groups:
+        raise ValueError(
+            f"feature_group_count ({groups}) must divide the input channels ({c}) and the "
+            f"output features ({f})"
+        )
+    if cg != c // groups:
+        raise ValueError(
+            f"kernel must have shape (Sh, Sw, C/feature_group_count, F) = "
+            f"(Sh, Sw, {c // groups}, F), got {tuple(kernel.shape)}"
+        )
+    return groups
+
+
+def _cols_matmul(cols, kernel, groups):
+    """y[n,i,j,f] = sum over the scope and the group's channels of cols * kernel."""
+    n, ho, wo, sh, sw, c = cols.shape
+    f = kernel.shape[-1]
+    cols = cols.reshape(n, ho, wo, sh * sw, groups, c // groups)
+    kernel = kernel.reshape(sh * sw, c // groups, groups, f // groups)
+    y = jnp.einsum("nijsgc,scgf->nijgf", cols, kernel, preferred_element_type=jnp.float32)
+    return y.reshape(n, ho, wo, f).astype(cols.dtype)
+
+
+def sample_conv(
+    x: jax.Array,
+    rotation: jax.Array,
+    kernel: jax.Array,
+    *,
+    kernel_size: IntOrPair,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
+    rotation_groups: int = 1,
+    feature_group_count: int = 1,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Local deformable kernel for grouped and full convolutions.
+
+        y[n,i,j,f] = sum_{a,b} sum_{c in group(f)} X(n, tap (a, b), c)
+                     * B(kernel[:,:,c mod C/groups,f], a + r_y + (Sh-Kh)/2, b + r_x + (Sw-Kw)/2)
+
+    with channel c's rotation from group c % rotation_groups. Computed as `scope_im2col`
+    followed by one matmul over (scope, channels); with feature_group_count = C and F = C it
+    is `sample_depthwise`, and uses its direct kernel.
+
+    Args:
+      x: (N, H, W, C); rotation: (N, Ho, Wo, G*Kh*Kw*2).
+      kernel: (Sh, Sw, C/feature_group_count, F), as `flax.linen.Conv` lays out kernels.
+      feature_group_count: 1 for a full convolution; it must divide C and F.
+      Other arguments as in `sample_depthwise`.
+
+    Returns:
+      (N, Ho, Wo, F) in the dtype of x.
+    """
+    _checks.float_arrays(x=x, rotation=rotation, kernel=kernel)
+    _checks.rank(x, "x", 4, "(N, H, W, C)")
+    groups = _conv_groups(x, kernel, feature_group_count)
+    geo = dict(
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        rotation_groups=rotation_groups,
+        implementation=implementation,
+    )
+    if groups == x.shape[-1] and kernel.shape[-1] == groups:
+        return sample_depthwise(x, rotation, kernel[:, :, 0, :], **geo)
+    cols = scope_im2col(x, rotation, scope_size=kernel.shape[:2], **geo)
+    return _cols_matmul(cols, kernel, groups)
+
+
+def deform_sample_conv(
+    x: jax.Array,
+    offset: jax.Array,
+    rotation: jax.Array,
+    kernel: jax.Array,
+    *,
+    kernel_size: IntOrPair,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
+    rotation_groups: int = 1,
+    feature_group_count: int = 1,
+    implementation: str | None = None,
+) -> jax.Array:
+    """`sample_conv` with image taps read at offset positions (DK + DCN for grouped and full
+    convolutions). offset: (N, Ho, Wo, Kh*Kw*2). Returns (N, Ho, Wo, F)."""
+    _checks.float_arrays(x=x, offset=offset, rotation=rotation, kernel=kernel)
+    _checks.rank(x, "x", 4, "(N, H, W, C)")
+    groups = _conv_groups(x, kernel, feature_group_count)
+    geo = dict(
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        rotation_groups=rotation_groups,
+        implementation=implementation,
+    )
+    if groups == x.shape[-1] and kernel.shape[-1] == groups:
+        return deform_sample_depthwise(x, offset, rotation, kernel[:, :, 0, :], **geo)
+    cols = deform_scope_im2col(x, offset, rotation, scope_size=kernel.shape[:2], **geo)
+    return _cols_matmul(cols, kernel, groups)
 
 
 def _flat(geo: dict) -> tuple[int, ...]:

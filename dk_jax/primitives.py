@@ -19,6 +19,16 @@ rotation (offset) is its own primitive, linear in the tangent, transposing to gr
 (grad_offset) and back. All of them lower to custom calls, so reverse mode never falls back to
 jax.numpy.
 
+Scope-space im2col (`scope_im2col`, `deform_scope_im2col`): the same operand order without
+weight; geometry ends with the scope (Sh, Sw); columns are (N, Ho, Wo, Sh, Sw, C).
+
+    cols forward       (x, [offset], rotation)            -> cols
+    cols grad_image    (cot, [offset], rotation)          -> gx
+    cols jvp_rotation  (x, [offset], rotation, tangent)   -> dcols
+    cols grad_rotation (cot, x, [offset], rotation)       -> grotation
+    cols jvp_offset    (x, offset, rotation, tangent)     -> dcols
+    cols grad_offset   (cot, x, offset, rotation)         -> goffset
+
 nd_linear_sample: data (Nb, *S, C), coord (Nb, M, D).
 
     nd_forward     (data, coord)            -> out      (Nb, M, C)
@@ -29,6 +39,7 @@ nd_linear_sample: data (Nb, *S, C), coord (Nb, M, D).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import jax
@@ -41,24 +52,96 @@ from dk_jax import _ffi
 
 ROLES = ("cot", "x", "offset", "rotation", "weight", "tangent")
 
-# Which roles each depthwise-family primitive takes (offset only when deformable).
-DK_ROLES = {
-    "forward": ("x", "offset", "rotation", "weight"),
-    "grad_image": ("cot", "offset", "rotation", "weight"),
-    "grad_weight": ("cot", "x", "offset", "rotation"),
-    "jvp_rotation": ("x", "offset", "rotation", "weight", "tangent"),
-    "grad_rotation": ("cot", "x", "offset", "rotation", "weight"),
-    "jvp_offset": ("x", "offset", "rotation", "weight", "tangent"),
-    "grad_offset": ("cot", "x", "offset", "rotation", "weight"),
-}
+
+@dataclass(frozen=True)
+class _Family:
+    """One family of primitives sharing operand roles and rules.
+
+    roles: the roles each mode takes (offset only when deformable).
+    linear: the roles each mode is linear in (its JVP there is the mode itself).
+    transposes: (mode, linear role) -> (mode computing that role's cotangent, the role the
+      output cotangent takes there, the static shape param it needs or None).
+    """
+
+    name: str
+    roles: dict
+    linear: dict
+    transposes: dict
+
+    def target(self, mode: str, deformable: bool) -> str:
+        kind = "deform" if deformable else "sample"
+        return f"dk_{kind}_{mode}" if self.name == "dk" else f"dk_{kind}_{self.name}_{mode}"
 
 
-def _roles(mode: str, deformable: bool) -> tuple[str, ...]:
-    return tuple(r for r in DK_ROLES[mode] if deformable or r != "offset")
+DK = _Family(
+    name="dk",
+    roles={
+        "forward": ("x", "offset", "rotation", "weight"),
+        "grad_image": ("cot", "offset", "rotation", "weight"),
+        "grad_weight": ("cot", "x", "offset", "rotation"),
+        "jvp_rotation": ("x", "offset", "rotation", "weight", "tangent"),
+        "grad_rotation": ("cot", "x", "offset", "rotation", "weight"),
+        "jvp_offset": ("x", "offset", "rotation", "weight", "tangent"),
+        "grad_offset": ("cot", "x", "offset", "rotation", "weight"),
+    },
+    linear={
+        "forward": ("x", "weight"),
+        "grad_image": ("cot", "weight"),
+        "grad_weight": ("cot", "x"),
+        "jvp_rotation": ("x", "weight", "tangent"),
+        "grad_rotation": ("cot", "x", "weight"),
+        "jvp_offset": ("x", "weight", "tangent"),
+        "grad_offset": ("cot", "x", "weight"),
+    },
+    transposes={
+        ("forward", "x"): ("grad_image", "cot", "image_shape"),
+        ("forward", "weight"): ("grad_weight", "cot", "weight_shape"),
+        ("grad_image", "cot"): ("forward", "x", None),
+        ("grad_image", "weight"): ("grad_weight", "x", "weight_shape"),
+        ("grad_weight", "cot"): ("forward", "weight", None),
+        ("grad_weight", "x"): ("grad_image", "weight", "image_shape"),
+        ("jvp_rotation", "tangent"): ("grad_rotation", "cot", None),
+        ("grad_rotation", "cot"): ("jvp_rotation", "tangent", None),
+        ("jvp_offset", "tangent"): ("grad_offset", "cot", None),
+        ("grad_offset", "cot"): ("jvp_offset", "tangent", None),
+    },
+)
+
+# Scope-space im2col: columns (N, Ho, Wo, Sh, Sw, C), linear in x; geometry carries (Sh, Sw).
+COLS = _Family(
+    name="cols",
+    roles={
+        "forward": ("x", "offset", "rotation"),
+        "grad_image": ("cot", "offset", "rotation"),
+        "jvp_rotation": ("x", "offset", "rotation", "tangent"),
+        "grad_rotation": ("cot", "x", "offset", "rotation"),
+        "jvp_offset": ("x", "offset", "rotation", "tangent"),
+        "grad_offset": ("cot", "x", "offset", "rotation"),
+    },
+    linear={
+        "forward": ("x",),
+        "grad_image": ("cot",),
+        "jvp_rotation": ("x", "tangent"),
+        "grad_rotation": ("cot", "x"),
+        "jvp_offset": ("x", "tangent"),
+        "grad_offset": ("cot", "x"),
+    },
+    transposes={
+        ("forward", "x"): ("grad_image", "cot", "image_shape"),
+        ("grad_image", "cot"): ("forward", "x", None),
+        ("jvp_rotation", "tangent"): ("grad_rotation", "cot", None),
+        ("grad_rotation", "cot"): ("jvp_rotation", "tangent", None),
+        ("jvp_offset", "tangent"): ("grad_offset", "cot", None),
+        ("grad_offset", "cot"): ("jvp_offset", "tangent", None),
+    },
+)
+
+# Forward is nonlinear in rotation and offset: its JVP there is a primitive of its own.
+_JVP_MODES = {"rotation": "jvp_rotation", "offset": "jvp_offset"}
 
 
-def _target(mode: str, deformable: bool) -> str:
-    return f"dk_{'deform' if deformable else 'sample'}_{mode}"
+def _roles(family: _Family, mode: str, deformable: bool) -> tuple[str, ...]:
+    return tuple(r for r in family.roles[mode] if deformable or r != "offset")
 
 
 def _new_primitive(name: str) -> Primitive:
@@ -67,31 +150,46 @@ def _new_primitive(name: str) -> Primitive:
     return p
 
 
-dk_p = {mode: _new_primitive(f"dk_{mode}") for mode in DK_ROLES}
+_prims = {
+    family.name: {
+        mode: _new_primitive(f"dk_{'' if family is DK else 'cols_'}{mode}") for mode in family.roles
+    }
+    for family in (DK, COLS)
+}
+dk_p = _prims["dk"]
+cols_p = _prims["cols"]
+
+
+def _bind(family: _Family, mode: str, *, deformable: bool, geometry, **operands):
+    params = {k: operands.pop(k) for k in ("image_shape", "weight_shape") if k in operands}
+    args = [operands[r] for r in _roles(family, mode, deformable)]
+    return _prims[family.name][mode].bind(
+        *args, deformable=deformable, geometry=tuple(geometry), **params
+    )
 
 
 def bind(mode: str, *, deformable: bool, geometry: tuple[int, ...], **operands):
     """Binds a depthwise-family primitive with operands given by role name."""
-    params = {k: operands.pop(k) for k in ("image_shape", "weight_shape") if k in operands}
-    args = [operands[r] for r in _roles(mode, deformable)]
-    return dk_p[mode].bind(*args, deformable=deformable, geometry=tuple(geometry), **params)
+    return _bind(DK, mode, deformable=deformable, geometry=geometry, **operands)
 
 
-def _named(mode, deformable, args):
-    return dict(zip(_roles(mode, deformable), args, strict=True))
+def cols_bind(mode: str, *, deformable: bool, geometry: tuple[int, ...], **operands):
+    """Binds a columns (scope-space im2col) primitive; geometry ends with (Sh, Sw)."""
+    return _bind(COLS, mode, deformable=deformable, geometry=geometry, **operands)
 
 
 # --- abstract evaluation -------------------------------------------------------------------
 
 
-def _out_aval(mode, args, deformable, geometry, image_shape=None, weight_shape=None):
-    a = _named(mode, deformable, args)
+def _out_aval(family, mode, *args, deformable, geometry, image_shape=None, weight_shape=None):
+    a = dict(zip(_roles(family, mode, deformable), args, strict=True))
     rot = a["rotation"]
     n, ho, wo = rot.shape[:3]
-    dtype = rot.dtype
     if mode in ("forward", "jvp_rotation", "jvp_offset"):
-        c = a["weight"].shape[-1]
-        shape = (n, ho, wo, c)
+        if family is DK:
+            shape = (n, ho, wo, a["weight"].shape[-1])
+        else:
+            shape = (n, ho, wo, geometry[9], geometry[10], a["x"].shape[-1])
     elif mode == "grad_image":
         shape = tuple(image_shape)
     elif mode == "grad_weight":
@@ -100,18 +198,14 @@ def _out_aval(mode, args, deformable, geometry, image_shape=None, weight_shape=N
         shape = rot.shape
     else:  # grad_offset
         shape = a["offset"].shape
-    return jax.core.ShapedArray(shape, dtype)
-
-
-for _mode, _p in dk_p.items():
-    _p.def_abstract_eval(partial(lambda m, *args, **params: _out_aval(m, args, **params), _mode))
+    return jax.core.ShapedArray(shape, rot.dtype)
 
 
 # --- lowering ------------------------------------------------------------------------------
 
 
-def _dk_lowering(mode, ctx, *args, deformable, geometry, **_):
-    rule = jax.ffi.ffi_lowering(_target(mode, deformable))
+def _dk_lowering(family, mode, ctx, *args, deformable, geometry, **_):
+    rule = jax.ffi.ffi_lowering(family.target(mode, deformable))
     return rule(ctx, *args, geometry=np.asarray(geometry, dtype=np.int64))
 
 
@@ -121,23 +215,10 @@ def _register_lowerings(prims, lowering):
             mlir.register_lowering(p, partial(lowering, mode), platform=platform)
 
 
-_register_lowerings(dk_p, _dk_lowering)
-
-
 # --- JVP -----------------------------------------------------------------------------------
 # Each primitive is multilinear in some roles (the JVP in such a role is the same primitive
 # with the tangent in its place); forward is nonlinear in rotation and offset, which have their
 # own JVP primitives. Other second-order terms (e.g. the Hessian in rotation) are not provided.
-
-DK_LINEAR = {
-    "forward": ("x", "weight"),
-    "grad_image": ("cot", "weight"),
-    "grad_weight": ("cot", "x"),
-    "jvp_rotation": ("x", "weight", "tangent"),
-    "grad_rotation": ("cot", "x", "weight"),
-    "jvp_offset": ("x", "weight", "tangent"),
-    "grad_offset": ("cot", "x", "weight"),
-}
 
 
 def _is_zero(t) -> bool:
@@ -154,118 +235,55 @@ def _sum_tangents(out, terms):
     return total
 
 
-def _dk_jvp(mode, primals, tangents, *, deformable, geometry, **params):
-    p = dk_p[mode]
-    named = _named(mode, deformable, primals)
-    dnamed = _named(mode, deformable, tangents)
-    out = p.bind(*primals, deformable=deformable, geometry=geometry, **params)
+def _dk_jvp(family, mode, primals, tangents, *, deformable, geometry, **params):
+    roles = _roles(family, mode, deformable)
+    named = dict(zip(roles, primals, strict=True))
+    out = _prims[family.name][mode].bind(
+        *primals, deformable=deformable, geometry=geometry, **params
+    )
+    kw = dict(deformable=deformable, geometry=geometry)
     terms = []
-    for role, t in dnamed.items():
+    for role, t in zip(roles, tangents, strict=True):
         if _is_zero(t):
             continue
-        if role in DK_LINEAR[mode]:
-            ops = dict(named, **{role: t})
-            terms.append(bind(mode, deformable=deformable, geometry=geometry, **ops, **params))
-        elif mode == "forward" and role == "rotation":
-            terms.append(
-                bind("jvp_rotation", deformable=deformable, geometry=geometry, **named, tangent=t)
-            )
-        elif mode == "forward" and role == "offset":
-            terms.append(
-                bind("jvp_offset", deformable=deformable, geometry=geometry, **named, tangent=t)
-            )
+        if role in family.linear[mode]:
+            terms.append(_bind(family, mode, **kw, **dict(named, **{role: t}), **params))
+        elif mode == "forward" and role in _JVP_MODES:
+            terms.append(_bind(family, _JVP_MODES[role], **kw, **named, tangent=t))
         else:
             raise NotImplementedError(
-                f"dk_jax: the derivative of dk_{mode} with respect to {role} is not implemented "
-                "(second derivatives in rotation/offset)"
+                f"dk_jax: the derivative of {family.name}_{mode} with respect to {role} is not "
+                "implemented (second derivatives in rotation/offset)"
             )
     return out, _sum_tangents(out, terms)
 
 
-for _mode, _p in dk_p.items():
-    ad.primitive_jvps[_p] = partial(_dk_jvp, _mode)
-
-
 # --- transpose -----------------------------------------------------------------------------
-# (mode, linear role) -> (primitive computing the cotangent of that role, how its operands are
-# formed from the known operands and the output cotangent `ct`).
 
 
-def _transpose_rule(mode, role, named, ct, deformable, geometry, aval):
-    kw = dict(deformable=deformable, geometry=geometry)
-    g = {k: v for k, v in named.items() if k != role}
-    if mode == "forward" and role == "x":
-        return bind(
-            "grad_image",
-            **kw,
-            cot=ct,
-            **_pick(g, "offset", "rotation", "weight"),
-            image_shape=aval.shape,
-        )
-    if mode == "forward" and role == "weight":
-        return bind(
-            "grad_weight",
-            **kw,
-            cot=ct,
-            **_pick(g, "x", "offset", "rotation"),
-            weight_shape=aval.shape,
-        )
-    if mode == "grad_image" and role == "cot":
-        return bind("forward", **kw, x=ct, **_pick(g, "offset", "rotation", "weight"))
-    if mode == "grad_image" and role == "weight":
-        return bind(
-            "grad_weight",
-            **kw,
-            x=ct,
-            **_pick(g, "cot", "offset", "rotation"),
-            weight_shape=aval.shape,
-        )
-    if mode == "grad_weight" and role == "cot":
-        return bind("forward", **kw, weight=ct, **_pick(g, "x", "offset", "rotation"))
-    if mode == "grad_weight" and role == "x":
-        return bind(
-            "grad_image",
-            **kw,
-            weight=ct,
-            **_pick(g, "cot", "offset", "rotation"),
-            image_shape=aval.shape,
-        )
-    if mode == "jvp_rotation" and role == "tangent":
-        return bind("grad_rotation", **kw, cot=ct, **_pick(g, "x", "offset", "rotation", "weight"))
-    if mode == "grad_rotation" and role == "cot":
-        return bind(
-            "jvp_rotation", **kw, tangent=ct, **_pick(g, "x", "offset", "rotation", "weight")
-        )
-    if mode == "jvp_offset" and role == "tangent":
-        return bind("grad_offset", **kw, cot=ct, **_pick(g, "x", "offset", "rotation", "weight"))
-    if mode == "grad_offset" and role == "cot":
-        return bind("jvp_offset", **kw, tangent=ct, **_pick(g, "x", "offset", "rotation", "weight"))
-    raise NotImplementedError(f"dk_jax: dk_{mode} cannot be transposed in {role}")
-
-
-def _pick(d, *keys):
-    return {k: d[k] for k in keys if k in d}
-
-
-def _dk_transpose(mode, ct, *args, deformable, geometry, **params):
-    roles = _roles(mode, deformable)
+def _dk_transpose(family, mode, ct, *args, deformable, geometry, **params):
+    roles = _roles(family, mode, deformable)
     undefined = [r for r, a in zip(roles, args, strict=True) if ad.is_undefined_primal(a)]
     if len(undefined) != 1:
-        raise NotImplementedError(f"dk_jax: dk_{mode} is transposable in one operand at a time")
+        raise NotImplementedError(
+            f"dk_jax: {family.name}_{mode} is transposable in one operand at a time"
+        )
     role = undefined[0]
     index = roles.index(role)
     aval = args[index].aval
+    if (mode, role) not in family.transposes:
+        raise NotImplementedError(f"dk_jax: {family.name}_{mode} cannot be transposed in {role}")
     if _is_zero(ct):
         result = ad.Zero(aval)
     else:
-        named = dict(zip(roles, args, strict=True))
-        ct = jnp.asarray(ct)
-        result = _transpose_rule(mode, role, named, ct, deformable, geometry, aval)
+        target, ct_role, shape_param = family.transposes[(mode, role)]
+        known = {r: a for r, a in zip(roles, args, strict=True) if r != role}
+        ops = {r: known[r] for r in _roles(family, target, deformable) if r in known}
+        ops[ct_role] = jnp.asarray(ct)
+        if shape_param is not None:
+            ops[shape_param] = aval.shape
+        result = _bind(family, target, deformable=deformable, geometry=geometry, **ops)
     return [result if i == index else None for i in range(len(roles))]
-
-
-for _mode, _p in dk_p.items():
-    ad.primitive_transposes[_p] = partial(_dk_transpose, _mode)
 
 
 # --- batching ------------------------------------------------------------------------------
@@ -281,8 +299,8 @@ def _fold(a, bdim, size):
     return jnp.moveaxis(a, bdim, 0)
 
 
-def _dk_batch(mode, args, dims, *, deformable, geometry, **params):
-    roles = _roles(mode, deformable)
+def _dk_batch(family, mode, args, dims, *, deformable, geometry, **params):
+    roles = _roles(family, mode, deformable)
     size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
     named = {r: _fold(a, d, size) for r, a, d in zip(roles, args, dims, strict=True)}
     n = named["rotation"].shape[1]
@@ -302,15 +320,20 @@ def _dk_batch(mode, args, dims, *, deformable, geometry, **params):
         out_params["image_shape"] = (size * n, *params["image_shape"][1:])
     if mode == "grad_weight":
         out_params["weight_shape"] = (size * n, *params["weight_shape"][1:])
-    out = bind(mode, deformable=deformable, geometry=geometry, **named, **out_params)
+    out = _bind(family, mode, deformable=deformable, geometry=geometry, **named, **out_params)
     out = out.reshape(size, -1, *out.shape[1:])
     if mode == "grad_weight" and params["weight_shape"][0] == 1:
         out = out.sum(axis=1, keepdims=True)
     return out, 0
 
 
-for _mode, _p in dk_p.items():
-    batching.primitive_batchers[_p] = partial(_dk_batch, _mode)
+for _family in (DK, COLS):
+    for _mode, _p in _prims[_family.name].items():
+        _p.def_abstract_eval(partial(_out_aval, _family, _mode))
+        ad.primitive_jvps[_p] = partial(_dk_jvp, _family, _mode)
+        ad.primitive_transposes[_p] = partial(_dk_transpose, _family, _mode)
+        batching.primitive_batchers[_p] = partial(_dk_batch, _family, _mode)
+    _register_lowerings(_prims[_family.name], partial(_dk_lowering, _family))
 
 
 # ===========================================================================================

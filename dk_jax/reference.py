@@ -298,3 +298,94 @@ def nd_linear_sample(data: jax.Array, coord: jax.Array) -> jax.Array:
         weight = jnp.prod(jnp.stack([wt for _, _, wt in corner]), axis=0)
         out = out + jnp.where(inside[:, None], data[index], 0) * weight[:, None]
     return out.astype(out_dtype)
+
+
+def _scope_basis(scope_size, channels, dtype):
+    """(Sh*Sw, Sh, Sw, C): for each scope position, the kernel that is one there, zero elsewhere."""
+    sh, sw = scope_size
+    return jnp.broadcast_to(
+        jnp.eye(sh * sw, dtype=dtype).reshape(sh * sw, sh, sw, 1), (sh * sw, sh, sw, channels)
+    )
+
+
+def _columns(op, x, arrays, scope_size, geometry):
+    """cols[..., s, t, c] = op(..., weight = e_(s,t)): a depthwise DK is linear in its weight,
+    so its response to the one-hot kernel of scope position (s, t) is that position's column."""
+    n, h, w, c = x.shape
+    basis = _scope_basis(scope_size, c, _compute_dtype(x.dtype))
+    per_position = jax.vmap(lambda e: op(x, *arrays, e.astype(x.dtype), **geometry))(basis)
+    cols = jnp.moveaxis(per_position, 0, 3)  # (N, Ho, Wo, Sh*Sw, C)
+    return cols.reshape(*cols.shape[:3], *scope_size, c)
+
+
+def scope_im2col(x, rotation, *, scope_size, **geometry):
+    """Scope-space columns (N, Ho, Wo, Sh, Sw, C) of `sample_depthwise`: see dk_jax.ops."""
+    return _columns(sample_depthwise, x, (rotation,), tuple(scope_size), geometry)
+
+
+def deform_scope_im2col(x, offset, rotation, *, scope_size, **geometry):
+    """Scope-space columns of `deform_sample_depthwise`: see dk_jax.ops."""
+    return _columns(deform_sample_depthwise, x, (offset, rotation), tuple(scope_size), geometry)
+
+
+def naive_sample_conv(
+    x,
+    rotation,
+    kernel,
+    offset=None,
+    *,
+    kernel_size,
+    stride,
+    padding,
+    dilation,
+    rotation_groups,
+    feature_group_count,
+):
+    """Grouped / full local DK the slow way: resample the whole kernel at every location.
+
+    kernel (Sh, Sw, C/groups, F). For each tap (a, b) and location, every (c, f) kernel entry
+    of f's group is read bilinearly at (a + r_y + (Sh-Kh)/2, b + r_x + (Sw-Kw)/2) with the
+    rotation of group c % rotation_groups, then contracted with the image tap. Memory is
+    N*Ho*Wo*C*F per tap: a test oracle only.
+    """
+    out_dtype = x.dtype
+    dtype = _compute_dtype(x.dtype)
+    x, rotation, kernel = (jnp.asarray(t).astype(dtype) for t in (x, rotation, kernel))
+    n, h, w, c = x.shape
+    sh_, sw_, cg, f = kernel.shape
+    groups = feature_group_count
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    ho = _output_size(h, kh, sh, ph, dh)
+    wo = _output_size(w, kw, sw, pw, dw)
+    # Block-diagonal (Sh, Sw, C, F): channel c feeds only the features of its group.
+    same_group = (jnp.arange(c)[:, None] // cg) == (jnp.arange(f)[None, :] // (f // groups))
+    full = jnp.where(same_group, kernel[:, :, jnp.arange(c) % cg, :], 0)
+    rot = rotation.reshape(n, ho, wo, rotation_groups, kh * kw, 2)
+    channel = jnp.arange(c)
+    y = jnp.zeros((n, ho, wo, f), dtype)
+    batch = jnp.arange(n)[:, None, None]
+    for a in range(kh):
+        for b in range(kw):
+            r = rot[:, :, :, channel % rotation_groups, a * kw + b, :]  # (N, Ho, Wo, C, 2)
+            u = a + r[..., 0] + (sh_ - kh) / 2
+            v = b + r[..., 1] + (sw_ - kw) / 2
+            resampled = _bilinear(
+                lambda iu, iv: full[iu[..., 0], iv[..., 0], channel, :],
+                u[..., None],
+                v[..., None],
+                sh_,
+                sw_,
+            )  # (N, Ho, Wo, C, F)
+            rows = jnp.arange(ho) * sh - ph + a * dh
+            cols = jnp.arange(wo) * sw - pw + b * dw
+            if offset is None:
+                inside = ((rows >= 0) & (rows < h))[:, None] & ((cols >= 0) & (cols < w))[None]
+                ri, ci = jnp.clip(rows, 0, h - 1), jnp.clip(cols, 0, w - 1)
+                image = jnp.where(inside[None, :, :, None], x[:, ri[:, None], ci[None, :], :], 0)
+            else:
+                o = offset.astype(dtype).reshape(n, ho, wo, kh * kw, 2)[:, :, :, a * kw + b]
+                uu = (rows[None, :, None] + o[..., 0])[..., None]
+                vv = (cols[None, None, :] + o[..., 1])[..., None]
+                image = _bilinear(lambda iu, iv: x[batch, iu[..., 0], iv[..., 0], :], uu, vv, h, w)
+            y = y + jnp.einsum("nijc,nijcf->nijf", image, resampled)
+    return y.astype(out_dtype)

@@ -25,6 +25,11 @@ TARGETS = [
                 "grad_offset",
             ],
         ),
+        ("sample_cols", ["forward", "grad_image", "jvp_rotation", "grad_rotation"]),
+        (
+            "deform_cols",
+            ["forward", "grad_image", "jvp_rotation", "grad_rotation", "jvp_offset", "grad_offset"],
+        ),
         ("nd", ["forward", "grad_data", "jvp_coord", "grad_coord"]),
     ]
     for mode in modes

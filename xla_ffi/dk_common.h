@@ -15,7 +15,12 @@ namespace dk {
 
 namespace ffi = xla::ffi;
 
-// The operations of the depthwise family (sample_depthwise / deform_sample_depthwise).
+// The operations of the depthwise family (sample_depthwise / deform_sample_depthwise), then
+// of scope-space im2col (scope_im2col / deform_scope_im2col), whose "columns" are
+// (N, Ho, Wo, Sh, Sw, C): cols[n,i,j,s,c] = sum_taps beta_s(tap) * X(tap position, c), with
+// beta_s the kernel footprint's weight on scope position s. A depthwise forward is
+// sum_s cols[..., s, c] * weight[s, c]; so the columns modes reuse the depthwise arithmetic
+// with the weight rows replaced by the location's rows of columns and the cotangent set to 1.
 enum class Mode : int {
   kForward,       // (x, [offset], rotation, weight)            -> y
   kGradImage,     // (gy, [offset], rotation, weight)           -> gx
@@ -24,17 +29,33 @@ enum class Mode : int {
   kGradRotation,  // (gy, x, [offset], rotation, weight)        -> grotation
   kJvpOffset,     // (x, offset, rotation, weight, doffset)     -> dy
   kGradOffset,    // (gy, x, offset, rotation, weight)          -> goffset
+  kCols,              // (x, [offset], rotation)                -> cols
+  kColsGradImage,     // (gcols, [offset], rotation)            -> gx
+  kColsJvpRotation,   // (x, [offset], rotation, drotation)     -> dcols
+  kColsGradRotation,  // (gcols, x, [offset], rotation)         -> grotation
+  kColsJvpOffset,     // (x, offset, rotation, doffset)         -> dcols
+  kColsGradOffset,    // (gcols, x, offset, rotation)           -> goffset
 };
+
+DK_HD constexpr bool is_cols(Mode m) { return int(m) >= int(Mode::kCols); }
+// Columns modes whose result is columns (accumulated per location, scope row by scope row).
+DK_HD constexpr bool writes_cols(Mode m) {
+  return m == Mode::kCols || m == Mode::kColsJvpRotation || m == Mode::kColsJvpOffset;
+}
 
 // Arguments always come in the order cot, x, offset, rotation, weight, tangent; each mode takes
 // the subset below (offset only for the deformable ops).
-constexpr bool takes_cot(Mode m) {
+DK_HD constexpr bool takes_cot(Mode m) {
   return m == Mode::kGradImage || m == Mode::kGradWeight || m == Mode::kGradRotation ||
-         m == Mode::kGradOffset;
+         m == Mode::kGradOffset || m == Mode::kColsGradImage || m == Mode::kColsGradRotation ||
+         m == Mode::kColsGradOffset;
 }
-constexpr bool takes_x(Mode m) { return m != Mode::kGradImage; }
-constexpr bool takes_weight(Mode m) { return m != Mode::kGradWeight; }
-constexpr bool takes_tangent(Mode m) { return m == Mode::kJvpRotation || m == Mode::kJvpOffset; }
+DK_HD constexpr bool takes_x(Mode m) { return m != Mode::kGradImage && m != Mode::kColsGradImage; }
+DK_HD constexpr bool takes_weight(Mode m) { return m != Mode::kGradWeight && !is_cols(m); }
+DK_HD constexpr bool takes_tangent(Mode m) {
+  return m == Mode::kJvpRotation || m == Mode::kJvpOffset || m == Mode::kColsJvpRotation ||
+         m == Mode::kColsJvpOffset;
+}
 
 template <typename T>
 struct Operands {
@@ -97,7 +118,10 @@ struct DkCall {
 inline ffi::Error read_dk_call(Mode mode, bool deform, const ffi::RemainingArgs& args,
                                ffi::AnyBuffer result, ffi::Span<const int64_t> geometry,
                                DkCall* call) {
-  if (geometry.size() != 9) return invalid("geometry attribute must hold 9 integers");
+  // Depthwise: (kh, kw, sh, sw, ph, pw, dh, dw, G); columns add the scope (Sh, Sw).
+  if (geometry.size() != (is_cols(mode) ? 11u : 9u)) {
+    return invalid("geometry attribute has the wrong length");
+  }
   const size_t expected = size_t(takes_cot(mode)) + size_t(takes_x(mode)) + size_t(deform) + 1 +
                           size_t(takes_weight(mode)) + size_t(takes_tangent(mode));
   if (args.size() != expected) return invalid("wrong number of operands");
@@ -123,17 +147,27 @@ inline ffi::Error read_dk_call(Mode mode, bool deform, const ffi::RemainingArgs&
   // Image sizes come from x, or from the result when x is what is being computed.
   const auto xd = takes_x(mode) ? x_b.dimensions() : result.dimensions();
   const auto rd = rot_b.dimensions();
-  const auto wd = takes_weight(mode) ? w_b.dimensions() : result.dimensions();
-  if (xd.size() != 4 || rd.size() != 4 || wd.size() != 4) return invalid("bad operand ranks");
+  if (xd.size() != 4 || rd.size() != 4) return invalid("bad operand ranks");
   Problem& p = call->p;
   p.N = xd[0], p.H = xd[1], p.W = xd[2], p.C = xd[3];
   p.Ho = rd[1], p.Wo = rd[2];
-  p.Nw = wd[0], p.Sh = wd[1], p.Sw = wd[2];
   p.Kh = geometry[0], p.Kw = geometry[1], p.sh = geometry[2], p.sw = geometry[3];
   p.ph = geometry[4], p.pw = geometry[5], p.dh = geometry[6], p.dw = geometry[7];
   p.G = geometry[8];
-  if (p.G <= 0 || p.C % p.G != 0 || wd[3] != p.C || rd[0] != p.N ||
-      rd[3] != p.G * p.taps() * 2 || (p.Nw != 1 && p.Nw != p.N)) {
+  bool ok;
+  if (is_cols(mode)) {
+    // Columns (N, Ho, Wo, Sh, Sw, C): the cotangent, or the result of the forward and JVPs.
+    p.Sh = geometry[9], p.Sw = geometry[10], p.Nw = p.N;
+    const auto cd = takes_cot(mode) ? cot_b.dimensions() : result.dimensions();
+    ok = cd.size() == 6 && cd[0] == p.N && cd[1] == p.Ho && cd[2] == p.Wo &&
+         cd[3] == p.Sh && cd[4] == p.Sw && cd[5] == p.C;
+  } else {
+    const auto wd = takes_weight(mode) ? w_b.dimensions() : result.dimensions();
+    if (wd.size() != 4) return invalid("bad operand ranks");
+    p.Nw = wd[0], p.Sh = wd[1], p.Sw = wd[2];
+    ok = wd[3] == p.C && (p.Nw == 1 || p.Nw == p.N);
+  }
+  if (!ok || p.G <= 0 || p.C % p.G != 0 || rd[0] != p.N || rd[3] != p.G * p.taps() * 2) {
     return invalid("inconsistent operand shapes");
   }
   call->dtype = dtype;

@@ -79,14 +79,23 @@ inline std::pair<int64_t, int64_t> chunk_range(int64_t n, int64_t k, int64_t c) 
 struct RowScratch {
   std::vector<float> acc;   // C: per-location accumulators (forward, JVPs)
   std::vector<float> sink;  // C: write target of absent corners in the scattering modes
-  float* grad_weight = nullptr;  // Sh*Sw*C float accumulators of the current row (kGradWeight)
+  // Sh*Sw*C float accumulators: of the current row (kGradWeight) or location (columns).
+  float* grad_weight = nullptr;
   float* grad_image = nullptr;   // H*W*C float accumulators of sample n (kGradImage)
 };
 
+// One output row (n, i) of any depthwise or columns mode. The columns modes run the depthwise
+// arithmetic with "weight" rows taken from the location's columns and a cotangent of one:
+//   kCols            = kGradWeight per location        (columns accumulate image * beta_s)
+//   kColsGradImage   = kGradImage, weight rows = gcols
+//   kColsGradRotation/kColsGradOffset = kGradRotation/kGradOffset, weight rows = gcols
+// and the two columns JVPs scatter the tangent of beta_s (rotation) or of the image (offset).
 template <Mode M, bool kDeform, bool kUnitStride, typename T>
 void dk_row(const Problem& p, const Operands<T>& A, const T* zero_row, int64_t n, int64_t i,
             RowScratch& s) {
   constexpr int NI = kDeform ? 4 : 1;  // corners of an image read
+  constexpr bool kCols = is_cols(M);
+  constexpr bool kScatterKernel = M == Mode::kGradWeight || writes_cols(M);
   const int64_t C = p.C, G = kUnitStride ? 1 : p.G, taps = p.taps();
   const int64_t S = p.scope();
   const T* x_n = A.x ? A.x + n * p.H * p.W * C : nullptr;
@@ -98,13 +107,17 @@ void dk_row(const Problem& p, const Operands<T>& A, const T* zero_row, int64_t n
     const int64_t loc = (n * p.Ho + i) * p.Wo + j;
     const T* rot = A.rotation + loc * G * taps * 2;
     const T* off = kDeform ? A.offset + loc * taps * 2 : nullptr;
-    const T* gy = takes_cot(M) ? A.cot + loc * C : nullptr;
+    // Depthwise modes read the cotangent per channel; columns modes read it as kernel rows.
+    const T* gy = takes_cot(M) && !kCols ? A.cot + loc * C : nullptr;
+    if (kCols && takes_cot(M)) w_n = A.cot + loc * S * C;
+    auto cot = [&](int64_t c) { return kCols ? 1.f : to_float(gy[c]); };
     const T* tan = nullptr;
-    if (M == Mode::kJvpRotation) tan = A.tangent + loc * G * taps * 2;
-    if (M == Mode::kJvpOffset) tan = A.tangent + loc * taps * 2;
+    if (M == Mode::kJvpRotation || M == Mode::kColsJvpRotation) tan = A.tangent + loc * G * taps * 2;
+    if (M == Mode::kJvpOffset || M == Mode::kColsJvpOffset) tan = A.tangent + loc * taps * 2;
     if (M == Mode::kForward || M == Mode::kJvpRotation || M == Mode::kJvpOffset) {
       std::fill(acc, acc + C, 0.f);
     }
+    if (writes_cols(M)) std::fill(s.grad_weight, s.grad_weight + S * C, 0.f);
 
     for (int64_t a = 0; a < p.Kh; ++a) {
       for (int64_t b = 0; b < p.Kw; ++b) {
@@ -115,10 +128,14 @@ void dk_row(const Problem& p, const Operands<T>& A, const T* zero_row, int64_t n
         for (int k = 0; k < NI; ++k) {
           const bool in = img.index[k] >= 0;
           xr[k] = (x_n && in) ? x_n + img.index[k] * C : zero_row;
-          gxr[k] = (M == Mode::kGradImage && in) ? s.grad_image + img.index[k] * C : sink;
+          gxr[k] = ((M == Mode::kGradImage || M == Mode::kColsGradImage) && in)
+                       ? s.grad_image + img.index[k] * C
+                       : sink;
         }
         float off_t[2] = {0.f, 0.f};
-        if (M == Mode::kJvpOffset) off_t[0] = to_float(tan[2 * tap]), off_t[1] = to_float(tan[2 * tap + 1]);
+        if (M == Mode::kJvpOffset || M == Mode::kColsJvpOffset) {
+          off_t[0] = to_float(tan[2 * tap]), off_t[1] = to_float(tan[2 * tap + 1]);
+        }
         float goff[2] = {0.f, 0.f};
 
         for (int64_t g = 0; g < G; ++g) {
@@ -129,7 +146,7 @@ void dk_row(const Problem& p, const Operands<T>& A, const T* zero_row, int64_t n
           for (int k = 0; k < 4; ++k) {
             const bool in = kf.index[k] >= 0;
             wr[k] = (w_n && in) ? w_n + kf.index[k] * C : zero_row;
-            gwr[k] = (M == Mode::kGradWeight && in) ? s.grad_weight + kf.index[k] * C : sink;
+            gwr[k] = (kScatterKernel && in) ? s.grad_weight + kf.index[k] * C : sink;
           }
           const int64_t c0 = kUnitStride ? 0 : g;
           if (M == Mode::kForward) {
@@ -137,16 +154,33 @@ void dk_row(const Problem& p, const Operands<T>& A, const T* zero_row, int64_t n
             for (int64_t c = c0; c < C; c += G) {
               acc[c] += tap_product(blend<NI>(img.w, xr, c), blend<4>(kf.w, wr, c));
             }
-          } else if (M == Mode::kGradImage) {
+          } else if (M == Mode::kGradImage || M == Mode::kColsGradImage) {
 #pragma GCC ivdep
             for (int64_t c = c0; c < C; c += G) {
-              const float d = to_float(gy[c]) * blend<4>(kf.w, wr, c);
+              const float d = cot(c) * blend<4>(kf.w, wr, c);
               for (int k = 0; k < NI; ++k) gxr[k][c] += img.w[k] * d;
             }
-          } else if (M == Mode::kGradWeight) {
+          } else if (M == Mode::kGradWeight || M == Mode::kCols) {
 #pragma GCC ivdep
             for (int64_t c = c0; c < C; c += G) {
-              const float d = to_float(gy[c]) * blend<NI>(img.w, xr, c);
+              const float d = cot(c) * blend<NI>(img.w, xr, c);
+              for (int k = 0; k < 4; ++k) gwr[k][c] += kf.w[k] * d;
+            }
+          } else if (M == Mode::kColsJvpRotation) {
+            float dw[4];
+            for (int k = 0; k < 4; ++k) {
+              dw[k] = position_tangent(kf.dwdu[k], kf.dwdv[k], to_float(tan[r]), to_float(tan[r + 1]));
+            }
+#pragma GCC ivdep
+            for (int64_t c = c0; c < C; c += G) {
+              const float d = blend<NI>(img.w, xr, c);
+              for (int k = 0; k < 4; ++k) gwr[k][c] += dw[k] * d;
+            }
+          } else if (M == Mode::kColsJvpOffset) {
+#pragma GCC ivdep
+            for (int64_t c = c0; c < C; c += G) {
+              const float d = position_tangent(blend<NI>(img.dwdu, xr, c),
+                                               blend<NI>(img.dwdv, xr, c), off_t[0], off_t[1]);
               for (int k = 0; k < 4; ++k) gwr[k][c] += kf.w[k] * d;
             }
           } else if (M == Mode::kJvpRotation) {
@@ -157,10 +191,10 @@ void dk_row(const Problem& p, const Operands<T>& A, const T* zero_row, int64_t n
                                                 blend<4>(kf.dwdv, wr, c), tu, tv);
               acc[c] += tap_product(blend<NI>(img.w, xr, c), dk);
             }
-          } else if (M == Mode::kGradRotation) {
+          } else if (M == Mode::kGradRotation || M == Mode::kColsGradRotation) {
             float su = 0.f, sv = 0.f;
             for (int64_t c = c0; c < C; c += G) {
-              const float d = to_float(gy[c]) * blend<NI>(img.w, xr, c);
+              const float d = cot(c) * blend<NI>(img.w, xr, c);
               su += d * blend<4>(kf.dwdu, wr, c);
               sv += d * blend<4>(kf.dwdv, wr, c);
             }
@@ -174,10 +208,10 @@ void dk_row(const Problem& p, const Operands<T>& A, const T* zero_row, int64_t n
                                                 blend<NI>(img.dwdv, xr, c), off_t[0], off_t[1]);
               acc[c] += tap_product(dx, blend<4>(kf.w, wr, c));
             }
-          } else if (M == Mode::kGradOffset) {
+          } else if (M == Mode::kGradOffset || M == Mode::kColsGradOffset) {
             float su = 0.f, sv = 0.f;
             for (int64_t c = c0; c < C; c += G) {
-              const float d = to_float(gy[c]) * blend<4>(kf.w, wr, c);
+              const float d = cot(c) * blend<4>(kf.w, wr, c);
               su += d * blend<NI>(img.dwdu, xr, c);
               sv += d * blend<NI>(img.dwdv, xr, c);
             }
@@ -185,7 +219,7 @@ void dk_row(const Problem& p, const Operands<T>& A, const T* zero_row, int64_t n
             goff[1] += sv;
           }
         }
-        if (M == Mode::kGradOffset) {
+        if (M == Mode::kGradOffset || M == Mode::kColsGradOffset) {
           T* o = A.out + loc * taps * 2 + 2 * tap;
           o[0] = from_float<T>(goff[0]);
           o[1] = from_float<T>(goff[1]);
@@ -195,6 +229,10 @@ void dk_row(const Problem& p, const Operands<T>& A, const T* zero_row, int64_t n
     if (M == Mode::kForward || M == Mode::kJvpRotation || M == Mode::kJvpOffset) {
       T* o = A.out + loc * C;
       for (int64_t c = 0; c < C; ++c) o[c] = from_float<T>(acc[c]);
+    }
+    if (writes_cols(M)) {
+      T* o = A.out + loc * S * C;
+      for (int64_t e = 0; e < S * C; ++e) o[e] = from_float<T>(s.grad_weight[e]);
     }
   }
 }
@@ -308,7 +346,7 @@ void dk_run(ffi::ThreadPool* pool, const Problem& p, const Operands<T>& A) {
     return s;
   };
 
-  if (M == Mode::kGradImage) {
+  if (M == Mode::kGradImage || M == Mode::kColsGradImage) {
     // Image gradients scatter: split by sample so no two threads write the same element.
     const int64_t image = p.H * p.W * C;
     std::vector<float> tmp;
@@ -363,6 +401,8 @@ void dk_run(ffi::ThreadPool* pool, const Problem& p, const Operands<T>& A) {
   const int64_t n_chunks = std::min<int64_t>(rows, workers * 4);
   parallel_for(pool, workers, n_chunks, [&](int64_t chunk) {
     RowScratch s = make_scratch();
+    std::vector<float> cols(writes_cols(M) ? size_t(S * C) : 0);
+    s.grad_weight = cols.data();
     std::vector<const T*> tap_rows;
     std::vector<float> tap_weights;
     auto [r0, r1] = chunk_range(rows, n_chunks, chunk);
@@ -543,6 +583,16 @@ DK_CPU_HANDLER(dk_deform_jvp_rotation_cpu, kJvpRotation, true)
 DK_CPU_HANDLER(dk_deform_grad_rotation_cpu, kGradRotation, true)
 DK_CPU_HANDLER(dk_deform_jvp_offset_cpu, kJvpOffset, true)
 DK_CPU_HANDLER(dk_deform_grad_offset_cpu, kGradOffset, true)
+DK_CPU_HANDLER(dk_sample_cols_forward_cpu, kCols, false)
+DK_CPU_HANDLER(dk_sample_cols_grad_image_cpu, kColsGradImage, false)
+DK_CPU_HANDLER(dk_sample_cols_jvp_rotation_cpu, kColsJvpRotation, false)
+DK_CPU_HANDLER(dk_sample_cols_grad_rotation_cpu, kColsGradRotation, false)
+DK_CPU_HANDLER(dk_deform_cols_forward_cpu, kCols, true)
+DK_CPU_HANDLER(dk_deform_cols_grad_image_cpu, kColsGradImage, true)
+DK_CPU_HANDLER(dk_deform_cols_jvp_rotation_cpu, kColsJvpRotation, true)
+DK_CPU_HANDLER(dk_deform_cols_grad_rotation_cpu, kColsGradRotation, true)
+DK_CPU_HANDLER(dk_deform_cols_jvp_offset_cpu, kColsJvpOffset, true)
+DK_CPU_HANDLER(dk_deform_cols_grad_offset_cpu, kColsGradOffset, true)
 
 #define DK_ND_CPU_HANDLER(name, mode)                                                          \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                               \

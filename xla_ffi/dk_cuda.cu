@@ -73,7 +73,8 @@ __global__ void location_kernel(Problem p, Operands<T> A, const T* zero_row, flo
   fill_location_table<kDeform>(p, A.rotation, A.offset, loc, table, kernel_table);
   __syncthreads();
   const T* x_n = A.x ? A.x + n * p.H * p.W * C : nullptr;
-  const T* w_n = A.weight + (p.Nw == 1 ? 0 : n) * S * C;
+  // Columns modes read their "weight" rows from the location's columns of the cotangent.
+  const T* w_n = is_cols(M) ? A.cot + loc * S * C : A.weight + (p.Nw == 1 ? 0 : n) * S * C;
   const T* rot = A.rotation + loc * p.G * taps * 2;
   const T* tan = A.tangent ? A.tangent + loc * (M == Mode::kJvpRotation ? p.G : 1) * taps * 2
                            : nullptr;
@@ -102,8 +103,9 @@ __global__ void location_kernel(Problem p, Operands<T> A, const T* zero_row, flo
             position_tangent(blend<NI>(img.dwdu, xr, c), blend<NI>(img.dwdv, xr, c),
                              to_float(tan[2 * tap]), to_float(tan[2 * tap + 1]));
         acc += tap_product(dx, blend<4>(kf.w, wr, c));
-      } else if (M == Mode::kGradImage) {
-        const float d = to_float(A.cot[loc * C + c]) * blend<4>(kf.w, wr, c);
+      } else if (M == Mode::kGradImage || M == Mode::kColsGradImage) {
+        const float gy = is_cols(M) ? 1.f : to_float(A.cot[loc * C + c]);
+        const float d = gy * blend<4>(kf.w, wr, c);
         for (int k = 0; k < NI; ++k) {
           if (img.index[k] >= 0) {
             atomicAdd(grad_image + (n * p.H * p.W + img.index[k]) * C + c, img.w[k] * d);
@@ -111,7 +113,59 @@ __global__ void location_kernel(Problem p, Operands<T> A, const T* zero_row, flo
         }
       }
     }
-    if (M != Mode::kGradImage) A.out[loc * C + c] = from_float<T>(acc);
+    if (M != Mode::kGradImage && M != Mode::kColsGradImage) A.out[loc * C + c] = from_float<T>(acc);
+  }
+}
+
+// Columns, and their JVPs: one block per location, threads over channels; each thread sums
+// its channel's Sh*Sw scope positions in shared memory (column[s * blockDim.x + thread]), so
+// the scatter over a tap's four kernel corners needs no atomics.
+template <Mode M, bool kDeform, typename T>
+__global__ void cols_kernel(Problem p, Operands<T> A, const T* zero_row, bool kernel_table) {
+  extern __shared__ unsigned char smem[];
+  Footprint* table = reinterpret_cast<Footprint*>(smem);
+  constexpr int NI = kDeform ? 4 : 1;
+  const int64_t taps = p.taps(), C = p.C, S = p.scope();
+  float* column = reinterpret_cast<float*>(table + taps + (kernel_table ? taps * p.G : 0));
+  const int64_t loc = blockIdx.x;
+  const int64_t n = loc / (p.Ho * p.Wo);
+  fill_location_table<kDeform>(p, A.rotation, A.offset, loc, table, kernel_table);
+  __syncthreads();
+  const T* x_n = A.x + n * p.H * p.W * C;
+  const T* rot = A.rotation + loc * p.G * taps * 2;
+  const T* tan = A.tangent ? A.tangent + loc * (M == Mode::kColsJvpRotation ? p.G : 1) * taps * 2
+                           : nullptr;
+  float* mine = column + threadIdx.x;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    const int64_t g = c % p.G;
+    for (int64_t s = 0; s < S; ++s) mine[s * blockDim.x] = 0.f;
+    for (int64_t tap = 0; tap < taps; ++tap) {
+      const Footprint& img = table[tap];
+      const Footprint kf = kernel_table ? table[taps + g * taps + tap]
+                                        : kernel_footprint(p, rot, tap / p.Kw, tap % p.Kw, g);
+      const T* xr[4];
+      for (int k = 0; k < NI; ++k) xr[k] = img.index[k] >= 0 ? x_n + img.index[k] * C : zero_row;
+      float d;
+      float w[4];
+      if (M == Mode::kColsJvpOffset) {
+        d = position_tangent(blend<NI>(img.dwdu, xr, c), blend<NI>(img.dwdv, xr, c),
+                             to_float(tan[2 * tap]), to_float(tan[2 * tap + 1]));
+      } else {
+        d = blend<NI>(img.w, xr, c);
+      }
+      for (int k = 0; k < 4; ++k) {
+        if (M == Mode::kColsJvpRotation) {
+          const int64_t r = (g * taps + tap) * 2;
+          w[k] = position_tangent(kf.dwdu[k], kf.dwdv[k], to_float(tan[r]), to_float(tan[r + 1]));
+        } else {
+          w[k] = kf.w[k];
+        }
+      }
+      for (int k = 0; k < 4; ++k) {
+        if (kf.index[k] >= 0) mine[kf.index[k] * blockDim.x] += w[k] * d;
+      }
+    }
+    for (int64_t s = 0; s < S; ++s) A.out[(loc * S + s) * C + c] = from_float<T>(mine[s * blockDim.x]);
   }
 }
 
@@ -239,7 +293,8 @@ __global__ void grad_weight_reduce_kernel(Problem p, const float* partials,
 }
 
 // Rotation gradient: one thread per (location, tap, group), summing its group's channels.
-template <bool kDeform, typename T>
+// Columns (kCols): the weight rows are the location's columns of the cotangent, gy = 1.
+template <bool kDeform, bool kCols, typename T>
 __global__ void grad_rotation_kernel(Problem p, Operands<T> A, const T* zero_row) {
   constexpr int NI = kDeform ? 4 : 1;
   const int64_t taps = p.taps(), C = p.C;
@@ -252,14 +307,14 @@ __global__ void grad_rotation_kernel(Problem p, Operands<T> A, const T* zero_row
       image_footprint<kDeform>(p, kDeform ? A.offset + loc * taps * 2 : A.offset, i, j, a, b);
   const Footprint kf = kernel_footprint(p, A.rotation + loc * p.G * taps * 2, a, b, g);
   const T* x_n = A.x + n * p.H * p.W * C;
-  const T* w_n = A.weight + (p.Nw == 1 ? 0 : n) * p.scope() * C;
+  const T* w_n = kCols ? A.cot + loc * p.scope() * C : A.weight + (p.Nw == 1 ? 0 : n) * p.scope() * C;
   const T* xr[4];
   const T* wr[4];
   for (int k = 0; k < NI; ++k) xr[k] = img.index[k] >= 0 ? x_n + img.index[k] * C : zero_row;
   for (int k = 0; k < 4; ++k) wr[k] = kf.index[k] >= 0 ? w_n + kf.index[k] * C : zero_row;
   float su = 0.f, sv = 0.f;
   for (int64_t c = g; c < C; c += p.G) {
-    const float d = to_float(A.cot[loc * C + c]) * blend<NI>(img.w, xr, c);
+    const float d = (kCols ? 1.f : to_float(A.cot[loc * C + c])) * blend<NI>(img.w, xr, c);
     su += d * blend<4>(kf.dwdu, wr, c);
     sv += d * blend<4>(kf.dwdv, wr, c);
   }
@@ -269,7 +324,7 @@ __global__ void grad_rotation_kernel(Problem p, Operands<T> A, const T* zero_row
 }
 
 // Offset gradient: one thread per (location, tap), summing over every channel.
-template <typename T>
+template <bool kCols, typename T>
 __global__ void grad_offset_kernel(Problem p, Operands<T> A, const T* zero_row) {
   const int64_t taps = p.taps(), C = p.C;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // (loc, tap)
@@ -279,7 +334,7 @@ __global__ void grad_offset_kernel(Problem p, Operands<T> A, const T* zero_row) 
   const int64_t a = tap / p.Kw, b = tap % p.Kw;
   const Footprint img = image_footprint<true>(p, A.offset + loc * taps * 2, i, j, a, b);
   const T* x_n = A.x + n * p.H * p.W * C;
-  const T* w_n = A.weight + (p.Nw == 1 ? 0 : n) * p.scope() * C;
+  const T* w_n = kCols ? A.cot + loc * p.scope() * C : A.weight + (p.Nw == 1 ? 0 : n) * p.scope() * C;
   const T* xr[4];
   for (int k = 0; k < 4; ++k) xr[k] = img.index[k] >= 0 ? x_n + img.index[k] * C : zero_row;
   float su = 0.f, sv = 0.f;
@@ -288,7 +343,7 @@ __global__ void grad_offset_kernel(Problem p, Operands<T> A, const T* zero_row) 
     const T* wr[4];
     for (int k = 0; k < 4; ++k) wr[k] = kf.index[k] >= 0 ? w_n + kf.index[k] * C : zero_row;
     for (int64_t c = g; c < C; c += p.G) {
-      const float d = to_float(A.cot[loc * C + c]) * blend<4>(kf.w, wr, c);
+      const float d = (kCols ? 1.f : to_float(A.cot[loc * C + c])) * blend<4>(kf.w, wr, c);
       su += d * blend<4>(img.dwdu, xr, c);
       sv += d * blend<4>(img.dwdv, xr, c);
     }
@@ -325,9 +380,10 @@ ffi::Error dk_launch(cudaStream_t stream, ffi::ScratchAllocator& scratch, const 
   const int threads = channel_threads(p.C);
 
   if (M == Mode::kForward || M == Mode::kJvpRotation || M == Mode::kJvpOffset ||
-      M == Mode::kGradImage) {
+      M == Mode::kGradImage || M == Mode::kColsGradImage) {
     float* grad_image = nullptr;
-    if (M == Mode::kGradImage) {
+    const bool scatter = M == Mode::kGradImage || M == Mode::kColsGradImage;
+    if (scatter) {
       if (std::is_same<T, float>::value) {
         grad_image = reinterpret_cast<float*>(A.out);
         cudaMemsetAsync(grad_image, 0, out_elements * sizeof(float), stream);
@@ -344,7 +400,7 @@ ffi::Error dk_launch(cudaStream_t stream, ffi::ScratchAllocator& scratch, const 
       location_kernel<M, kDeform, T><<<unsigned(locations), threads, table_bytes, stream>>>(
           p, A, zero_row, grad_image, kernel_table);
     }
-    if (M == Mode::kGradImage && !std::is_same<T, float>::value && out_elements > 0) {
+    if (scatter && !std::is_same<T, float>::value && out_elements > 0) {
       store_kernel<T><<<unsigned(ceil_div(out_elements, 256)), 256, 0, stream>>>(
           grad_image, A.out, out_elements);
     }
@@ -374,18 +430,31 @@ ffi::Error dk_launch(cudaStream_t stream, ffi::ScratchAllocator& scratch, const 
     }
     return cuda_error("grad_weight");
   }
-  if (M == Mode::kGradRotation) {
+  if (writes_cols(M)) {
+    // Each thread keeps its channel's S sums in shared memory: fewer threads for large scopes.
+    const int64_t S = p.scope();
+    const size_t avail = 48 * 1024 - table_bytes;
+    const int cthreads = int(std::min<size_t>(threads, avail / (size_t(S) * sizeof(float)) / 32 * 32));
+    if (cthreads < 32) return invalid("scope too large for the CUDA columns kernel");
+    const size_t shared = table_bytes + size_t(S) * cthreads * sizeof(float);
+    if (locations > 0) {
+      cols_kernel<M, kDeform, T><<<unsigned(locations), cthreads, shared, stream>>>(
+          p, A, zero_row, kernel_table);
+    }
+    return cuda_error("cols_kernel");
+  }
+  if (M == Mode::kGradRotation || M == Mode::kColsGradRotation) {
     const int64_t total = locations * p.G * taps;
     if (total > 0) {
-      grad_rotation_kernel<kDeform, T><<<unsigned(ceil_div(total, 128)), 128, 0, stream>>>(
+      grad_rotation_kernel<kDeform, is_cols(M), T><<<unsigned(ceil_div(total, 128)), 128, 0, stream>>>(
           p, A, zero_row);
     }
     return cuda_error("grad_rotation");
   }
-  if (M == Mode::kGradOffset) {
+  if (M == Mode::kGradOffset || M == Mode::kColsGradOffset) {
     const int64_t total = locations * taps;
     if (total > 0) {
-      grad_offset_kernel<T><<<unsigned(ceil_div(total, 128)), 128, 0, stream>>>(p, A, zero_row);
+      grad_offset_kernel<is_cols(M), T><<<unsigned(ceil_div(total, 128)), 128, 0, stream>>>(p, A, zero_row);
     }
     return cuda_error("grad_offset");
   }
@@ -539,6 +608,16 @@ DK_CUDA_HANDLER(dk_deform_jvp_rotation_cuda, kJvpRotation, true)
 DK_CUDA_HANDLER(dk_deform_grad_rotation_cuda, kGradRotation, true)
 DK_CUDA_HANDLER(dk_deform_jvp_offset_cuda, kJvpOffset, true)
 DK_CUDA_HANDLER(dk_deform_grad_offset_cuda, kGradOffset, true)
+DK_CUDA_HANDLER(dk_sample_cols_forward_cuda, kCols, false)
+DK_CUDA_HANDLER(dk_sample_cols_grad_image_cuda, kColsGradImage, false)
+DK_CUDA_HANDLER(dk_sample_cols_jvp_rotation_cuda, kColsJvpRotation, false)
+DK_CUDA_HANDLER(dk_sample_cols_grad_rotation_cuda, kColsGradRotation, false)
+DK_CUDA_HANDLER(dk_deform_cols_forward_cuda, kCols, true)
+DK_CUDA_HANDLER(dk_deform_cols_grad_image_cuda, kColsGradImage, true)
+DK_CUDA_HANDLER(dk_deform_cols_jvp_rotation_cuda, kColsJvpRotation, true)
+DK_CUDA_HANDLER(dk_deform_cols_grad_rotation_cuda, kColsGradRotation, true)
+DK_CUDA_HANDLER(dk_deform_cols_jvp_offset_cuda, kColsJvpOffset, true)
+DK_CUDA_HANDLER(dk_deform_cols_grad_offset_cuda, kColsGradOffset, true)
 
 #define DK_ND_CUDA_HANDLER(name, mode)                                       \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (dk::nd_cuda_handler<dk::NdMode::mode>), \

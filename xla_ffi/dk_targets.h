@@ -17,6 +17,16 @@
   X(dk_deform_grad_rotation) \
   X(dk_deform_jvp_offset)    \
   X(dk_deform_grad_offset)   \
+  X(dk_sample_cols_forward)       \
+  X(dk_sample_cols_grad_image)    \
+  X(dk_sample_cols_jvp_rotation)  \
+  X(dk_sample_cols_grad_rotation) \
+  X(dk_deform_cols_forward)       \
+  X(dk_deform_cols_grad_image)    \
+  X(dk_deform_cols_jvp_rotation)  \
+  X(dk_deform_cols_grad_rotation) \
+  X(dk_deform_cols_jvp_offset)    \
+  X(dk_deform_cols_grad_offset)   \
   X(dk_nd_forward)           \
   X(dk_nd_grad_data)         \
   X(dk_nd_jvp_coord)         \
