@@ -4,6 +4,7 @@ torchvision's deform_conv2d, forward and forward+backward, with compiled tempora
     python -m benchmarks.ops                  # all cases, JSON to stdout-adjacent file
     python -m benchmarks.ops --quick          # the standard shape only
     python -m benchmarks.ops --json out.json  # where to write the results
+    python -m benchmarks.ops --full-conv      # only the grouped / full convolution case
 
 Times are medians over repeated runs after warm-up (block_until_ready), milliseconds. Every
 row of one run is measured in the same process, side by side, so ratios are meaningful even
@@ -157,6 +158,13 @@ def run_case(case: Case, repeats: int, torch_device: str | None, dtype=jnp.float
         (x, rot, w_scope),
     )
     add(
+        "local DK ffi via sample_conv (groups=C)",
+        lambda x, r, w: dk_jax.sample_conv(
+            x, r, w[:, :, None, :], **geo, feature_group_count=w.shape[-1], implementation="ffi"
+        ),
+        (x, rot, w_scope),
+    )
+    add(
         "local DK xla",
         lambda x, r, w: dk_jax.sample_depthwise(x, r, w, **geo, implementation="xla"),
         (x, rot, w_scope),
@@ -277,6 +285,80 @@ def sweep(repeats):
     return out
 
 
+FULL_CONV = dict(n=8, hw=28, c=128, f=128, k=3, scope=4)
+
+
+def full_conv(repeats, torch_device=None):
+    """Grouped and full local DK (scope_im2col + matmul) against XLA's rigid 3x3 convolution
+    of the same shape (and torch's, when installed): N=8, H=W=28, C_in=C_out=128, scope 4.
+    Forward+backward is the gradient in x, the rotation and the kernel (x and the kernel for
+    the rigid convs)."""
+    rng = np.random.default_rng(0)
+    g = FULL_CONV
+    n, hw, c, f, k, s = g["n"], g["hw"], g["c"], g["f"], g["k"], g["scope"]
+    x = jnp.asarray(rng.normal(size=(n, hw, hw, c)), jnp.float32)
+    rot = jnp.asarray(rng.normal(size=(n, hw, hw, k * k * 2)) * 0.5, jnp.float32)
+    ct = jnp.asarray(rng.normal(size=(n, hw, hw, f)), jnp.float32)
+    rows = {}
+    for groups in (1, 4):
+        kernel = jnp.asarray(rng.normal(size=(s, s, c // groups, f)) * 0.05, jnp.float32)
+        rigid = jnp.asarray(rng.normal(size=(k, k, c // groups, f)) * 0.05, jnp.float32)
+
+        def dk(x, r, w, groups=groups):
+            return dk_jax.sample_conv(x, r, w, kernel_size=k, padding=1, feature_group_count=groups)
+
+        def conv(x, w, groups=groups):
+            return lax.conv_general_dilated(
+                x,
+                w,
+                (1, 1),
+                [(1, 1)] * 2,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=groups,
+            )
+
+        label = "full" if groups == 1 else f"groups {groups}"
+        for name, fn, args in [
+            (f"{label}: local DK ffi (im2col + matmul)", dk, (x, rot, kernel)),
+            (f"{label}: rigid lax.conv_general_dilated", conv, (x, rigid)),
+        ]:
+            grad = fwd_bwd(fn, len(args))
+            rows[name] = dict(
+                fwd_ms=median_ms(jax.jit(fn), *args, repeats=repeats),
+                fwd_bwd_ms=median_ms(grad, ct, *args, repeats=max(3, repeats // 2)),
+                fwd_temp_mb=temp_mb(fn, *args),
+                fwd_bwd_temp_mb=temp_mb(lambda *a, grad=grad: grad(ct, *a), *args),
+            )
+    if torch is not None and torch_device is not None:
+        tx = torch.tensor(np.asarray(x)).permute(0, 3, 1, 2).contiguous().to(torch_device)
+        tw = torch.tensor(rng.normal(size=(f, c, k, k)) * 0.05, dtype=torch.float32)
+        tw = tw.to(torch_device)
+        tct = torch.tensor(np.asarray(ct)).permute(0, 3, 1, 2).contiguous().to(torch_device)
+
+        def run(backward):
+            a, b = tx.detach().requires_grad_(backward), tw.detach().requires_grad_(backward)
+            y = torch.nn.functional.conv2d(a, b, padding=1)
+            if backward:
+                (y * tct).sum().backward()
+            if torch_device == "cuda":
+                torch.cuda.synchronize()
+
+        def timed(backward, reps):
+            for _ in range(2):
+                run(backward)
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                run(backward)
+                times.append((time.perf_counter() - start) * 1e3)
+            return statistics.median(times)
+
+        with torch.no_grad():
+            fwd = timed(False, repeats)
+        rows["full: rigid torch conv2d"] = dict(fwd_ms=fwd, fwd_bwd_ms=timed(True, repeats))
+    return dict(shape=FULL_CONV, rows=rows)
+
+
 def thread_scaling(repeats):
     """The standard local DK ffi op with its work split over 1 and over 2 threads.
 
@@ -337,6 +419,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the standard shape only")
     parser.add_argument("--no-sweep", action="store_true", help="skip the batch-size sweep")
+    parser.add_argument(
+        "--full-conv", action="store_true", help="only the grouped / full convolution case"
+    )
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", default=f"benchmarks/results/ops_{jax.default_backend()}.json")
     args = parser.parse_args(argv)
@@ -351,6 +436,16 @@ def main(argv=None):
     cases = CASES[:1] if args.quick else list(CASES)
     if gpu:  # the GPU target is stated at N=64
         cases.append(Case("standard N=64", n=64))
+    if args.full_conv:
+        cases = []
+    if args.full_conv or not args.quick:
+        print(f"== grouped / full convolution {FULL_CONV}", flush=True)
+        results["full_conv"] = full_conv(args.repeats, torch_device)
+        for name, r in results["full_conv"]["rows"].items():
+            print(
+                f"   {name:48s} fwd {r['fwd_ms']:9.2f} ms  fwd+bwd {r['fwd_bwd_ms']:9.2f} ms",
+                flush=True,
+            )
     for case in cases:
         print(f"== {case}", flush=True)
         rows = run_case(case, args.repeats, torch_device)
@@ -365,7 +460,7 @@ def main(argv=None):
                 f"fwd+bwd {r['fwd_bwd_ms']:9.2f} ms{mem_s}",
                 flush=True,
             )
-    if not args.quick and not args.no_sweep:
+    if not args.quick and not args.no_sweep and not args.full_conv:
         results["sweep"] = sweep(max(3, args.repeats // 2))
         for name, rows in results["sweep"].items():
             print(
@@ -375,7 +470,7 @@ def main(argv=None):
                 ),
                 flush=True,
             )
-    if not gpu:
+    if not gpu and not args.full_conv:
         results["threads"] = thread_scaling(args.repeats)
         for name, r in results["threads"].items():
             print(

@@ -139,6 +139,46 @@ def sweep_lines(ops):
     return lines
 
 
+def full_conv_lines(ops):
+    """The grouped / full local DK (scope-space im2col + matmul) against XLA's rigid conv."""
+    if "full_conv" not in ops:
+        return []
+    shape, rows = ops["full_conv"]["shape"], ops["full_conv"]["rows"]
+    out = [
+        f"### Grouped and full convolutions: N={shape['n']}, H=W={shape['hw']}, "
+        f"C_in={shape['c']}, C_out={shape['f']}, K={shape['k']}, scope {shape['scope']}",
+        "",
+        *ops_table(rows),
+        "",
+    ]
+    dk = rows.get("full: local DK ffi (im2col + matmul)")
+    conv = rows.get("full: rigid lax.conv_general_dilated")
+    if dk and conv:
+        r_fwd = dk["fwd_ms"] / conv["fwd_ms"]
+        r = dk["fwd_bwd_ms"] / conv["fwd_bwd_ms"]
+        out += [
+            f"- Full-convolution DK / XLA's full 3x3 conv: {r_fwd:.2f}x forward, {r:.2f}x "
+            f"forward+backward (target <= 4x forward+backward: {verdict(r <= 4)}).",
+            "",
+        ]
+    return out
+
+
+def depthwise_dispatch_lines(ops):
+    """sample_conv with groups = C must keep the direct depthwise kernel's speed."""
+    rows = ops["cases"].get("standard", {}).get("rows", {})
+    direct = rows.get("local DK ffi")
+    via = rows.get("local DK ffi via sample_conv (groups=C)")
+    if not (direct and via):
+        return []
+    return [
+        f"- Depthwise through `sample_conv(feature_group_count=C)`: {via['fwd_ms']:.2f} ms "
+        f"forward, {via['fwd_bwd_ms']:.2f} ms forward+backward, against {direct['fwd_ms']:.2f} "
+        f"/ {direct['fwd_bwd_ms']:.2f} ms for `sample_depthwise` in the same run (same kernel).",
+        "",
+    ]
+
+
 def ops_section(title, ops, targets, command):
     out = [
         f"## {title}",
@@ -162,6 +202,7 @@ def ops_section(title, ops, targets, command):
             *ops_table(case["rows"]),
             "",
         ]
+    out += full_conv_lines(ops) + depthwise_dispatch_lines(ops)
     sweep = sweep_lines(ops)
     if sweep:
         out += ["### Batch-size sweep (standard shape)", "", *sweep, ""]

@@ -38,6 +38,7 @@ __all__ = [
     "DeformableSampleDepthwise",
     "GlobalDeformKernel2d",
     "LocalDeformKernel2d",
+    "SampleConv",
     "SampleDepthwise",
 ]
 
@@ -430,6 +431,112 @@ class DeformableSampleDepthwise(nn.Module):
         return y if bias is None else y + bias
 
 
+class SampleConv(nn.Module):
+    """Grouped or full local deformable convolution with the offsets as inputs
+    (`dk_jax.sample_conv`, or `dk_jax.deform_sample_conv` when an image offset is given): the
+    K x K taps of every (input channel, feature) kernel read a scope-sized kernel at rotated
+    positions, computed as scope-space im2col and one matmul.
+
+        y[n,i,j,f] = sum_{a,b} sum_{c in group(f)} X(n, tap (a, b), c)
+                     * B(kernel[:,:,c mod C/groups,f], a + r_y + (Sh-Kh)/2, ...) + bias[f]
+
+    Parameters::
+
+        kernel  (Sh, Sw, C/feature_group_count, features)     as in `nn.Conv`
+        bias    (features,)                                   if use_bias
+
+    Call: `layer(x, rotation=None, offset=None)`, x (N, H, W, C), rotation
+    (N, Ho, Wo, G*Kh*Kw*2), offset (N, Ho, Wo, Kh*Kw*2) or None -> (N, Ho, Wo, features).
+    With zero rotation and scope_size == kernel_size this is `nn.Conv(features,
+    feature_group_count=...)`.
+
+    Attributes:
+      features: number of output channels.
+      scope_size: (Sh, Sw) of the stored kernel, >= kernel_size; an int or a pair.
+      kernel_size: (Kh, Kw) taps of the convolution; an int or a pair.
+      strides: an int or a pair (default 1).
+      padding: "SAME" (default), "VALID", an int, a pair, or a pair of (low, high) pairs.
+      kernel_dilation: dilation of the image taps; an int or a pair (default 1).
+      rotation_groups: G; input channel c uses the rotation of group c % G; C % G == 0.
+      feature_group_count: groups of the convolution (1 = full); divides C and features.
+      use_bias: whether to add a bias (default True).
+      dtype: computation dtype (default: inferred from input and params).
+      param_dtype: dtype of the parameters (default float32).
+      kernel_init: initializer of the scope kernel (default uniform +-1/sqrt(Kh*Kw*C/groups)).
+      bias_init: initializer of the bias (default zeros).
+      implementation: "ffi", "xla" or None (the ops' choice).
+    """
+
+    features: int
+    scope_size: IntOrPair
+    kernel_size: IntOrPair
+    strides: IntOrPair = 1
+    padding: PaddingLike = "SAME"
+    kernel_dilation: IntOrPair = 1
+    rotation_groups: int = 1
+    feature_group_count: int = 1
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer | None = None
+    bias_init: Initializer = _zeros
+    implementation: str | None = None
+
+    @nn.compact
+    def __call__(
+        self, x: Array, rotation: Array | None = None, offset: Array | None = None
+    ) -> Array:
+        geo = _geometry(self, x)
+        scope = _scope_pair(self, geo)
+        channels, groups = _check_grouped(self, x)
+        rotation_groups = _checks.positive_int(self.rotation_groups, "rotation_groups")
+        if channels % rotation_groups:
+            raise ValueError(
+                f"SampleConv: the input channels C={channels} must be divisible by "
+                f"rotation_groups={rotation_groups}"
+            )
+        n = x.shape[0]
+        kernel = self.param(
+            "kernel",
+            _scope_kernel_init(self.kernel_init, geo.kernel, channels // groups),
+            (*scope, channels // groups, self.features),
+            self.param_dtype,
+        )
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        x, offset, rotation, kernel, bias = nn.dtypes.promote_dtype(
+            x, offset, rotation, kernel, bias, dtype=self.dtype
+        )
+        taps = geo.kernel[0] * geo.kernel[1] * 2
+        if rotation is None:
+            rotation = jnp.zeros((n, *geo.out_hw, rotation_groups * taps), x.dtype)
+        x, padding = _pad_for_ops(x, geo.pads)
+        common = dict(
+            kernel_size=geo.kernel,
+            stride=geo.strides,
+            padding=padding,
+            dilation=geo.dilation,
+            rotation_groups=rotation_groups,
+            feature_group_count=groups,
+            implementation=self.implementation,
+        )
+        if offset is None:
+            y = ops.sample_conv(x, rotation, kernel, **common)
+        else:
+            y = ops.deform_sample_conv(x, offset, rotation, kernel, **common)
+        return y if bias is None else y + bias
+
+
+def _is_depthwise(layer: nn.Module, x: Array) -> bool:
+    """Whether a DK layer with optional features / feature_group_count is depthwise: groups
+    unset (the default), or groups = features = C."""
+    groups, channels = layer.feature_group_count, x.shape[-1]
+    return groups is None or (groups == channels and layer.features in (None, channels))
+
+
 # --- deformable kernels ---------------------------------------------------------------------
 
 
@@ -526,6 +633,27 @@ class GlobalDeformKernel2d(nn.Module):
         return y if bias is None else y + bias
 
 
+def _grouped_inner(layer: nn.Module, x: Array, geo: _Geometry, scope) -> "SampleConv":
+    """The grouped / full inner conv of a DK layer (features defaults to C)."""
+    return SampleConv(
+        layer.features if layer.features is not None else x.shape[-1],
+        scope,
+        geo.kernel,
+        geo.strides,
+        geo.pads,
+        geo.dilation,
+        layer.rotation_groups,
+        feature_group_count=layer.feature_group_count,
+        use_bias=layer.use_bias,
+        dtype=layer.dtype,
+        param_dtype=layer.param_dtype,
+        kernel_init=layer.kernel_init,
+        bias_init=layer.bias_init,
+        implementation=layer.implementation,
+        name="inner_conv",
+    )
+
+
 class LocalDeformKernel2d(nn.Module):
     """Local deformable kernel (the default DK): a depthwise convolution whose kernel is
     resampled from a scope-sized kernel at every output location, at kernel-space offsets
@@ -540,8 +668,9 @@ class LocalDeformKernel2d(nn.Module):
 
     Parameters::
 
-        inner_conv/kernel       (Sh, Sw, C)
-        inner_conv/bias         (C,)                      if use_bias
+        inner_conv/kernel       (Sh, Sw, C)               depthwise, or with
+                                (Sh, Sw, C/groups, F)     feature_group_count set
+        inner_conv/bias         (C,) or (F,)              if use_bias
         rotation_conv/kernel    (Kh, Kw, C, G*Kh*Kw*2)    zeros at init
         rotation_conv/bias      (G*Kh*Kw*2,)              zeros at init
 
@@ -556,7 +685,11 @@ class LocalDeformKernel2d(nn.Module):
       rotation_groups: G; channel c uses the rotation of group c % G; C % G == 0.
       rotation_clip: None, a (min, max) pair, or "scope" (clamp each sampled kernel position
         a + r + (S-K)/2 into [0, S-1]).
-      features: optional; if given it must equal C (the layer is depthwise).
+      features: output channels; with feature_group_count unset it must be C or None
+        (depthwise); with feature_group_count set it defaults to C.
+      feature_group_count: None (default: depthwise, the direct kernel) or the groups of a
+        grouped (1 = full) convolution computed by `SampleConv`'s im2col path; groups = C
+        with features = C stays depthwise.
       use_bias: whether the inner convolution adds a bias (default True).
       dtype: computation dtype (default: inferred from input and params).
       param_dtype: dtype of the parameters (default float32).
@@ -574,6 +707,7 @@ class LocalDeformKernel2d(nn.Module):
     rotation_groups: int = 1
     rotation_clip: Clip | str = None
     features: int | None = None
+    feature_group_count: int | None = None
     use_bias: bool = True
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
@@ -586,7 +720,9 @@ class LocalDeformKernel2d(nn.Module):
     def __call__(self, x: Array) -> Array:
         geo = _geometry(self, x)
         scope = _scope_pair(self, geo)
-        _check_depthwise(self, x, self.rotation_groups)
+        depthwise = _is_depthwise(self, x)
+        if depthwise:
+            _check_depthwise(self, x, self.rotation_groups)
         _check_clip(self.rotation_clip, "rotation_clip", scope_allowed=True)
         taps = geo.kernel[0] * geo.kernel[1] * 2
 
@@ -596,6 +732,8 @@ class LocalDeformKernel2d(nn.Module):
         )
         self.sow("intermediates", "rotation", rotation)
 
+        if not depthwise:
+            return _grouped_inner(self, x, geo, scope)(x, rotation)
         return SampleDepthwise(
             scope,
             geo.kernel,
@@ -630,8 +768,9 @@ class DeformKernelConv2d(nn.Module):
 
     Parameters::
 
-        inner_conv/kernel       (Sh, Sw, C)
-        inner_conv/bias         (C,)                      if use_bias
+        inner_conv/kernel       (Sh, Sw, C)               depthwise, or with
+                                (Sh, Sw, C/groups, F)     feature_group_count set
+        inner_conv/bias         (C,) or (F,)              if use_bias
         offset_conv/kernel      (Kh, Kw, C, Kh*Kw*2)      zeros at init
         offset_conv/bias        (Kh*Kw*2,)                zeros at init
         rotation_conv/kernel    (Kh, Kw, C, G*Kh*Kw*2)    zeros at init
@@ -648,7 +787,11 @@ class DeformKernelConv2d(nn.Module):
       rotation_groups: G; channel c uses the rotation of group c % G; C % G == 0.
       offset_clip: None or a (min, max) pair, applied before the dilation factor.
       rotation_clip: None, a (min, max) pair, or "scope" (as in `LocalDeformKernel2d`).
-      features: optional; if given it must equal C (the layer is depthwise).
+      features: output channels; with feature_group_count unset it must be C or None
+        (depthwise); with feature_group_count set it defaults to C.
+      feature_group_count: None (default: depthwise, the direct kernel) or the groups of a
+        grouped (1 = full) convolution computed by `SampleConv`'s im2col path; groups = C
+        with features = C stays depthwise.
       use_bias: whether the inner convolution adds a bias (default True).
       dtype: computation dtype (default: inferred from input and params).
       param_dtype: dtype of the parameters (default float32).
@@ -667,6 +810,7 @@ class DeformKernelConv2d(nn.Module):
     offset_clip: Clip = None
     rotation_clip: Clip | str = None
     features: int | None = None
+    feature_group_count: int | None = None
     use_bias: bool = True
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
@@ -679,7 +823,9 @@ class DeformKernelConv2d(nn.Module):
     def __call__(self, x: Array) -> Array:
         geo = _geometry(self, x)
         scope = _scope_pair(self, geo)
-        _check_depthwise(self, x, self.rotation_groups)
+        depthwise = _is_depthwise(self, x)
+        if depthwise:
+            _check_depthwise(self, x, self.rotation_groups)
         _check_clip(self.offset_clip, "offset_clip", scope_allowed=False)
         _check_clip(self.rotation_clip, "rotation_clip", scope_allowed=True)
         taps = geo.kernel[0] * geo.kernel[1] * 2
@@ -694,6 +840,8 @@ class DeformKernelConv2d(nn.Module):
         self.sow("intermediates", "offset", offset)
         self.sow("intermediates", "rotation", rotation)
 
+        if not depthwise:
+            return _grouped_inner(self, x, geo, scope)(x, rotation, offset)
         return DeformableSampleDepthwise(
             scope,
             geo.kernel,

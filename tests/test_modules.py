@@ -22,8 +22,10 @@ from dk_jax.modules import (
     DeformKernelConv2d,
     GlobalDeformKernel2d,
     LocalDeformKernel2d,
+    SampleConv,
     SampleDepthwise,
 )
+from dk_jax.reference import naive_sample_conv
 
 ALL_MODULES = [SampleDepthwise, DeformableSampleDepthwise, GlobalDeformKernel2d,
                LocalDeformKernel2d, DeformKernelConv2d, DeformConv2d, CondConv2d]
@@ -138,6 +140,33 @@ def test_global_dk_at_init_is_conv_with_scope_centre(rng, groups):
         assert rel_err(m.apply(v, x), expected) <= 1e-5, geo
 
 
+@pytest.mark.parametrize("module", [DeformKernel2d, DeformKernelConv2d])
+@pytest.mark.parametrize("groups, features", [(1, 6), (2, 6), (4, 8)])
+def test_grouped_dk_at_init_is_grouped_conv_with_scope_centre(rng, module, groups, features):
+    x = normal(rng, (2, 8, 7, 4))
+    m = module(scope_size=(4, 5), kernel_size=(3, 2), features=features,
+               feature_group_count=groups)
+    v = m.init(KEY, x)
+    inner = v["params"]["inner_conv"]
+    assert inner["kernel"].shape == (4, 5, 4 // groups, features)
+    inner["bias"] = normal(rng, (features,))
+    kernel = jnp.asarray(centre(inner["kernel"], (3, 2)))
+    for geo in GEOMETRIES:
+        m = m.clone(**geo)
+        ref = nn.Conv(features, (3, 2), strides=m.strides, padding=m.padding,
+                      kernel_dilation=m.kernel_dilation, feature_group_count=groups)
+        expected = ref.apply({"params": {"kernel": kernel, "bias": inner["bias"]}}, x)
+        assert rel_err(m.apply(v, x), expected) <= 1e-5, geo
+
+
+def test_groups_equal_to_channels_keep_the_depthwise_kernel(rng):
+    x = normal(rng, (2, 8, 7, 4))
+    v = DeformKernel2d(4, 3, feature_group_count=4).init(KEY, x)
+    assert v["params"]["inner_conv"]["kernel"].shape == (4, 4, 4)
+    hlo = jax.jit(DeformKernel2d(4, 3, feature_group_count=4).apply).lower(v, x).as_text()
+    assert "@dk_sample_forward(" in hlo and "cols" not in hlo
+
+
 def test_deform_conv_at_init_is_depthwise_conv(rng):
     x = normal(rng, (2, 8, 7, 4))
     m = DeformConv2d(3)
@@ -194,7 +223,19 @@ def padded(x, pads):
     return jnp.pad(x, ((0, 0), *pads, (0, 0)))
 
 
+def ref_grouped(m, p, x, rotation, offset=None):
+    """A grouped / full inner conv: the naive reference that resamples the whole kernel."""
+    k, s, d, pads = geometry(m, x)
+    y = naive_sample_conv(padded(x, pads), rotation, p["kernel"], offset, kernel_size=k,
+                          stride=s, padding=(0, 0), dilation=d,
+                          rotation_groups=m.rotation_groups,
+                          feature_group_count=m.feature_group_count)
+    return y + p["bias"]
+
+
 def ref_sample(m, p, x, rotation):
+    if p["kernel"].ndim == 4:
+        return ref_grouped(m, p, x, rotation)
     k, s, d, pads = geometry(m, x)
     y = dk_jax.sample_depthwise(padded(x, pads), rotation, p["kernel"], kernel_size=k, stride=s,
                                 dilation=d, rotation_groups=m.rotation_groups,
@@ -203,6 +244,8 @@ def ref_sample(m, p, x, rotation):
 
 
 def ref_deform_sample(m, p, x, offset, rotation):
+    if p["kernel"].ndim == 4:
+        return ref_grouped(m, p, x, rotation, offset)
     k, s, d, pads = geometry(m, x)
     y = dk_jax.deform_sample_depthwise(padded(x, pads), offset, rotation, p["kernel"],
                                        kernel_size=k, stride=s, dilation=d,
@@ -274,18 +317,18 @@ def out_hw(m, x):
 
 def extra_inputs(m, x, rng):
     """The offsets an inner layer takes as inputs (none for the adaptive layers)."""
-    if not isinstance(m, SampleDepthwise | DeformableSampleDepthwise):
+    if not isinstance(m, SampleDepthwise | DeformableSampleDepthwise | SampleConv):
         return ()
     k = pair(m.kernel_size)
     shape = (x.shape[0], *out_hw(m, x), k[0] * k[1] * 2)
     rotation = normal(rng, (*shape[:3], m.rotation_groups * shape[3]), 0.7)
-    if isinstance(m, SampleDepthwise):
+    if isinstance(m, SampleDepthwise | SampleConv):
         return (rotation,)
     return (normal(rng, shape, 0.7), rotation)
 
 
 def ref_any(m, p, x, *extra):
-    if isinstance(m, SampleDepthwise):
+    if isinstance(m, SampleDepthwise | SampleConv):
         return ref_sample(m, p, x, *extra)
     if isinstance(m, DeformableSampleDepthwise):
         return ref_deform_sample(m, p, x, *extra)
@@ -310,6 +353,14 @@ CASES = {
                                         rotation_clip="scope"),
     "deform-conv": DeformConv2d(3, kernel_dilation=(1, 2), padding=2),
     "deform-conv-clip": DeformConv2d((3, 2), strides=2, offset_clip=(-1.0, 0.2)),
+    "sample-conv": SampleConv(6, 4, 3, rotation_groups=2, feature_group_count=2),
+    "local-full": LocalDeformKernel2d(4, 3, features=6, feature_group_count=1, rotation_groups=2),
+    "local-grouped": LocalDeformKernel2d((5, 4), 3, strides=2, features=8, feature_group_count=2,
+                                         rotation_clip="scope"),
+    "dk-conv-full": DeformKernelConv2d(4, 3, features=5, feature_group_count=1,
+                                       kernel_dilation=(2, 1)),
+    "dk-conv-grouped": DeformKernelConv2d((4, 5), 3, features=8, feature_group_count=4,
+                                          rotation_groups=2, offset_clip=(-0.5, 0.5)),
     "condconv": CondConv2d(6, 3, 3, feature_group_count=2),
     "condconv-strided": CondConv2d(4, 2, (3, 2), strides=2, kernel_dilation=2),
 }
@@ -345,7 +396,7 @@ def test_inner_layers_default_to_zero_offsets(rng):
 # --- 3. jit, grad, vmap, bfloat16 -----------------------------------------------------------
 
 TRANSFORM_CASES = ["sample", "deform-sample", "global", "local", "dk-conv", "deform-conv",
-                   "condconv"]
+                   "condconv", "local-full", "dk-conv-grouped"]
 
 
 @pytest.mark.parametrize("name", TRANSFORM_CASES)
@@ -501,6 +552,10 @@ BAD = [
     (GlobalDeformKernel2d(6, 4, 3, feature_group_count=3), "feature_group_count=3"),
     (CondConv2d(5, 2, 3, feature_group_count=2), "feature_group_count=2"),
     (CondConv2d(4, 0, 3), "num_experts"),
+    (LocalDeformKernel2d(4, 3, features=6, feature_group_count=4), "feature_group_count=4"),
+    (DeformKernelConv2d(4, 3, features=6, feature_group_count=3), "feature_group_count=3"),
+    (SampleConv(6, 4, 3, rotation_groups=3), "rotation_groups=3"),
+    (SampleConv(6, 2, 3), "smaller than kernel_size"),
     (DeformConv2d(9, padding="VALID"), "output would be empty"),
 ]
 
