@@ -141,3 +141,29 @@ def test_cuda_vmap_and_low_precision():
             lambda w: f(low["x"], low["offset"], low["rotation"], w).astype(jnp.float32).sum()
         )(low["weight"])
         assert g.dtype == dtype and bool(jnp.isfinite(g.astype(jnp.float32)).all())
+
+
+@pytest.mark.parametrize("deform", [False, True])
+def test_cuda_columns_and_grouped_conv_match_cpu(deform):
+    # Scope-space im2col (all six columns handlers) on the GPU against the CPU handlers.
+    rng = np.random.default_rng(3)
+    a, geo = make_case(rng, c=8, s=(4, 5), groups=2)
+    kernel = jnp.asarray(rng.normal(size=(4, 5, 4, 6)), jnp.float32)  # 2 feature groups
+    names = ("x", "offset", "rotation") if deform else ("x", "rotation")
+    conv = dk_jax.deform_sample_conv if deform else dk_jax.sample_conv
+
+    def loss(*args):
+        y = conv(*args, **geo, feature_group_count=2, implementation="ffi")
+        return jnp.sum(jnp.sin(y))
+
+    results = {}
+    for device in (_gpus()[0], jax.devices("cpu")[0]):
+        args = on(device, [a[k] for k in names] + [kernel])
+        y = conv(*args, **geo, feature_group_count=2, implementation="ffi")
+        grads = jax.grad(loss, argnums=tuple(range(len(args))))(*args)
+        tangents = [jnp.ones_like(v) * 0.1 for v in args[:-1]]
+        op = dk_jax.deform_scope_im2col if deform else dk_jax.scope_im2col
+        _, t = jax.jvp(lambda *v: op(*v, scope_size=(4, 5), **geo), args[:-1], tangents)
+        results[device.platform] = (y, *grads, t)
+    for got, want in zip(results["gpu"], results["cpu"], strict=True):
+        assert rel_err(got, want) <= 1e-5
