@@ -438,14 +438,14 @@ def main(argv=None):
         cases.append(Case("standard N=64", n=64))
     if args.full_conv:
         cases = []
-    if args.full_conv or not args.quick:
-        print(f"== grouped / full convolution {FULL_CONV}", flush=True)
-        results["full_conv"] = full_conv(args.repeats, torch_device)
-        for name, r in results["full_conv"]["rows"].items():
-            print(
-                f"   {name:48s} fwd {r['fwd_ms']:9.2f} ms  fwd+bwd {r['fwd_bwd_ms']:9.2f} ms",
-                flush=True,
-            )
+    # The grouped / full convolution case runs in every mode.
+    print(f"== grouped / full convolution {FULL_CONV}", flush=True)
+    results["full_conv"] = full_conv(args.repeats, torch_device)
+    for name, r in results["full_conv"]["rows"].items():
+        print(
+            f"   {name:48s} fwd {r['fwd_ms']:9.2f} ms  fwd+bwd {r['fwd_bwd_ms']:9.2f} ms",
+            flush=True,
+        )
     for case in cases:
         print(f"== {case}", flush=True)
         rows = run_case(case, args.repeats, torch_device)
