@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup build demo demo-ops test test-slow test-peers lint bench clean
+.PHONY: setup build demo demo-ops study test test-slow test-peers lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ build: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m train --config digits_deformed
 	$(PY) -m train.evaluate --checkpoint runs/digits_deformed
+
+# The deformed-digits study (about 40 min on a 2-core CPU): the small ResNet with every conv
+# choice x 3 seeds at one budget, the scale test of the effective receptive field, then
+# docs/RESULTS.md and docs/study/*.png. Runs go to runs/study/; re-running skips finished runs.
+# matplotlib is the `study` extra (already there when `make setup` installed the test extra).
+study: $(STAMP)
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PIP) install -q "matplotlib>=3.7"
+	$(PY) -m train.study
 
 # A short tour of the three operators (ffi against the reference, with timings).
 demo-ops: $(STAMP)

@@ -6,6 +6,7 @@ the Flax linen modules in `dk_jax.modules` build every deformable-kernel variant
 """
 
 from dk_jax._ffi import available as ffi_available
+from dk_jax.analysis import effective_receptive_field, erf_radius, theoretical_receptive_field
 from dk_jax.modules import (
     CondConv2d,
     DeformableSampleDepthwise,
@@ -14,6 +15,7 @@ from dk_jax.modules import (
     DeformKernelConv2d,
     GlobalDeformKernel2d,
     LocalDeformKernel2d,
+    SampleConv,
     SampleDepthwise,
 )
 from dk_jax.ops import (
@@ -34,14 +36,18 @@ __all__ = [
     "DeformableSampleDepthwise",
     "GlobalDeformKernel2d",
     "LocalDeformKernel2d",
+    "SampleConv",
     "SampleDepthwise",
     "deform_sample_conv",
     "deform_sample_depthwise",
     "deform_scope_im2col",
+    "effective_receptive_field",
+    "erf_radius",
     "ffi_available",
     "nd_linear_sample",
     "sample_conv",
     "sample_depthwise",
     "scope_im2col",
+    "theoretical_receptive_field",
 ]
 __version__ = "0.1.0"
