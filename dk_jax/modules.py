@@ -207,21 +207,38 @@ def _kernel_grid(kernel, scope) -> np.ndarray:
 
 
 def _per_sample_conv(x: Array, kernels: Array, geo: _Geometry, groups: int, precision) -> Array:
-    """y[n] = conv(x[n], kernels[n]): x (N, H, W, C), kernels (N, Kh, Kw, C/groups, F)."""
+    """y[n] = conv(x[n], kernels[n]): x (N, H, W, C), kernels (N, Kh, Kw, C/groups, F).
 
-    def conv(image, kernel):
-        return lax.conv_general_dilated(
-            image[None],
-            kernel,
-            geo.strides,
-            geo.pads,
-            rhs_dilation=geo.dilation,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=groups,
-            precision=precision,
-        )[0]
-
-    return jax.vmap(conv)(x, kernels)
+    Written as a sum over the K*K taps of strided slices of the padded input, each contracted
+    with that tap's per-sample kernel over the group's channels (an elementwise product in the
+    depthwise case). `vmap` of `lax.conv_general_dilated` computes the same thing, but XLA's
+    CPU gradient of that batched grouped convolution grew with the square of the batch: 4.4 s
+    and 4.7 GB of temporaries per step of the small ResNet at batch 128."""
+    n, _, _, c = x.shape
+    (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.strides, geo.dilation
+    ho, wo = geo.out_hw
+    cg, f = c // groups, kernels.shape[-1]
+    fg = f // groups
+    xp = jnp.pad(x, ((0, 0), *geo.pads, (0, 0)))
+    y = None
+    for a in range(kh):
+        for b in range(kw):
+            start = (0, a * dh, b * dw, 0)
+            stop = (n, a * dh + (ho - 1) * sh + 1, b * dw + (wo - 1) * sw + 1, c)
+            tap = lax.slice(xp, start, stop, (1, sh, sw, 1))
+            k = kernels[:, a, b]  # (N, C/groups, F)
+            if cg == 1 and fg == 1:
+                term = tap * k[:, None, None, 0, :]
+            else:
+                k = k.reshape(n, cg, groups, fg).transpose(0, 2, 1, 3)  # (N, G, Cg, Fg)
+                term = jnp.einsum(
+                    "nhwgc,ngcf->nhwgf",
+                    tap.reshape(n, ho, wo, groups, cg),
+                    k,
+                    precision=precision,
+                ).reshape(n, ho, wo, f)
+            y = term if y is None else y + term
+    return y
 
 
 def _check_grouped(layer: nn.Module, x: Array) -> tuple[int, int]:
