@@ -219,10 +219,30 @@ def models_section(models):
         "",
         *env_lines(models["environment"]),
         "",
+        "The depthwise baseline is what training uses, `nn.Conv(feature_group_count=C)`: XLA's "
+        "grouped convolution, slow on CPU (the `lax.conv_general_dilated` rows above), which is "
+        "why the adaptive convs, whose 3x3 work runs in the custom calls or in strided "
+        "multiply-adds, come out faster here. Their stages are the adaptive ones only; the rest "
+        "of each network is identical.",
+        "",
     ]
-    table = models.get("markdown")
-    if table:
-        out += [table, ""]
+    for name, model in models.get("models", {}).items():
+        case = model["case"]
+        out += [
+            f"### {name}: {case['config']}, {case['image_size']}x{case['image_size']}, "
+            f"batch {case['batch']}",
+            "",
+            "| conv | ms / step | images / s | time vs depthwise | parameters | compile s | "
+            "temp MB |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for conv, r in model["rows"].items():
+            out.append(
+                f"| {conv} | {r['ms_per_step']:.1f} | {r['images_per_s']:.1f} | "
+                f"{r['time_vs_depthwise']:.2f}x | {r['params']:,} | {r['compile_s']:.1f} | "
+                f"{r['temp_mb']:.0f} |"
+            )
+        out.append("")
     return out
 
 
@@ -250,7 +270,7 @@ def main(argv=None):
     cpu = load("ops_cpu.json")
     if cpu:
         out += ops_section(
-            "Operators, CPU (float32), all cases (machine shared with other jobs)",
+            "Operators, CPU (float32), all cases",
             cpu,
             cpu_targets,
             "python -m benchmarks.ops --json benchmarks/results/ops_cpu.json",
