@@ -1,5 +1,5 @@
-"""Every CPU handler on a small case with offsets that leave the image and the scope, +-inf
-and NaN, in float32 and bfloat16: the workload for scripts/asan_check.sh.
+"""Every CPU handler (depthwise, columns, nd) on a small case with offsets that leave the image
+and the scope, +-inf and NaN, in float32 and bfloat16: the workload for scripts/asan_check.sh.
 
 Loads the CPU library named by DK_JAX_CPU_LIBRARY (the AddressSanitizer build) in place of
 the installed one."""
@@ -43,6 +43,18 @@ for dtype in (jnp.float32, jnp.bfloat16):
     outs += jax.grad(lambda *a: g(*a).astype(jnp.float32).sum(), (0, 1, 2))(x, rot, w)
     outs += jax.jvp(f, (x, off, rot, w), (x, off, rot, w))
     outs += jax.jvp(g, (x, rot, w), (x, rot, w))
+    # Scope-space im2col: forward, image / rotation / offset gradients and both JVPs.
+    def cols(x, o, r):
+        return dk_jax.deform_scope_im2col(x, o, r, scope_size=(5, 4), **geo, implementation="ffi")
+
+    def cols_rigid(x, r):
+        return dk_jax.scope_im2col(x, r, scope_size=(5, 4), **geo, implementation="ffi")
+
+    outs += [cols(x, off, rot), cols_rigid(x, rot)]
+    outs += jax.grad(lambda *a: cols(*a).astype(jnp.float32).sum(), (0, 1, 2))(x, off, rot)
+    outs += jax.grad(lambda *a: cols_rigid(*a).astype(jnp.float32).sum(), (0, 1))(x, rot)
+    outs += jax.jvp(cols, (x, off, rot), (x, off, rot))
+    outs += jax.jvp(cols_rigid, (x, rot), (x, rot))
     coord = (
         jnp.asarray(rng.uniform(-3, 7, (9, 2)), dtype).at[0, 0].set(jnp.nan).at[1, 1].set(jnp.inf)
     )
