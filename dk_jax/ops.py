@@ -228,8 +228,11 @@ def _cols_geometry(
             f"scope_size {(sh, sw)} is smaller than kernel_size {(kh, kw)}: "
             "the scope must be at least the kernel size"
         )
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"x must be an array, got {type(x).__name__}")
+    # Checked here first, so a dtype mismatch names only the arguments the caller passed.
+    if offset is None:
+        _checks.float_arrays(x=x, rotation=rotation)
+    else:
+        _checks.float_arrays(x=x, offset=offset, rotation=rotation)
     _checks.rank(x, "x", 4, "(N, H, W, C)")
     # The columns play the weight's part: a scope-sized plane per channel.
     weight = jax.ShapeDtypeStruct((sh, sw, x.shape[-1]), x.dtype)
@@ -382,10 +385,12 @@ def sample_conv(
     Returns:
       (N, Ho, Wo, F) in the dtype of x.
     """
-    _checks.float_arrays(x=x, rotation=rotation, kernel=kernel)
-    _checks.rank(x, "x", 4, "(N, H, W, C)")
-    groups = _conv_groups(x, kernel, feature_group_count)
-    geo = dict(
+    return _local_conv(
+        x,
+        None,
+        rotation,
+        kernel,
+        feature_group_count,
         kernel_size=kernel_size,
         stride=stride,
         padding=padding,
@@ -393,10 +398,6 @@ def sample_conv(
         rotation_groups=rotation_groups,
         implementation=implementation,
     )
-    if groups == x.shape[-1] and kernel.shape[-1] == groups:
-        return sample_depthwise(x, rotation, kernel[:, :, 0, :], **geo)
-    cols = scope_im2col(x, rotation, scope_size=kernel.shape[:2], **geo)
-    return _cols_matmul(cols, kernel, groups)
 
 
 def deform_sample_conv(
@@ -415,10 +416,12 @@ def deform_sample_conv(
 ) -> jax.Array:
     """`sample_conv` with image taps read at offset positions (DK + DCN for grouped and full
     convolutions). offset: (N, Ho, Wo, Kh*Kw*2). Returns (N, Ho, Wo, F)."""
-    _checks.float_arrays(x=x, offset=offset, rotation=rotation, kernel=kernel)
-    _checks.rank(x, "x", 4, "(N, H, W, C)")
-    groups = _conv_groups(x, kernel, feature_group_count)
-    geo = dict(
+    return _local_conv(
+        x,
+        offset,
+        rotation,
+        kernel,
+        feature_group_count,
         kernel_size=kernel_size,
         stride=stride,
         padding=padding,
@@ -426,9 +429,23 @@ def deform_sample_conv(
         rotation_groups=rotation_groups,
         implementation=implementation,
     )
+
+
+def _local_conv(x, offset, rotation, kernel, feature_group_count, **geo):
+    """sample_conv (offset None) and deform_sample_conv: the direct depthwise kernel when
+    groups = F = C, else the columns and one matmul."""
+    offsets = () if offset is None else (offset,)
+    arrays = dict(x=x, rotation=rotation, kernel=kernel)
+    if offset is not None:
+        arrays = dict(x=x, offset=offset, rotation=rotation, kernel=kernel)
+    _checks.float_arrays(**arrays)
+    _checks.rank(x, "x", 4, "(N, H, W, C)")
+    groups = _conv_groups(x, kernel, feature_group_count)
     if groups == x.shape[-1] and kernel.shape[-1] == groups:
-        return deform_sample_depthwise(x, offset, rotation, kernel[:, :, 0, :], **geo)
-    cols = deform_scope_im2col(x, offset, rotation, scope_size=kernel.shape[:2], **geo)
+        depthwise = sample_depthwise if offset is None else deform_sample_depthwise
+        return depthwise(x, *offsets, rotation, kernel[:, :, 0, :], **geo)
+    columns = scope_im2col if offset is None else deform_scope_im2col
+    cols = columns(x, *offsets, rotation, scope_size=kernel.shape[:2], **geo)
     return _cols_matmul(cols, kernel, groups)
 
 
