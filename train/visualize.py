@@ -296,6 +296,17 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str | Path) -> Path:
+    """Lays out a figure under its suptitle, writes it as a PNG (creating the folder) and
+    closes it."""
+    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 0.95))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def erf_figure(runs: list[Run], images: np.ndarray, scales, path: str | Path) -> Path:
     """Rows: images; columns: scales x runs. Each panel: the image in grey, the ERF (normalised
     to its maximum) in colour, the 50%-mass circle and the theoretical receptive field."""
@@ -345,12 +356,7 @@ def erf_figure(runs: list[Run], images: np.ndarray, scales, path: str | Path) ->
         "sqrt of the ERF of the last stage's centre unit (cyan: radius holding 50% of the mass)",
         fontsize=8,
     )
-    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 0.95))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def kernel_positions_figure(run: Run, images: np.ndarray, scales, path: str | Path) -> Path | None:
@@ -401,12 +407,7 @@ def kernel_positions_figure(run: Run, images: np.ndarray, scales, path: str | Pa
             if s == 0:
                 ax.set_title(f"unit {tuple(int(v) for v in probes[p])}", fontsize=7, color=f"C{p}")
     fig.suptitle(f"{run.conv}: sampled scope positions, {first_adaptive_block(run)}", fontsize=8)
-    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 0.95))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
