@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup build demo demo-ops study test test-slow test-peers lint bench clean
+.PHONY: setup build demo demo-ops study test test-slow test-mutants test-peers lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ test: $(STAMP)
 # Long tests kept out of `make test` (see pyproject's markers).
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# Mutation check of the suite: plants each bug listed in scripts/mutants.py (Python rules and
+# C++ handlers, the latter in a scratch build) and expects the tests guarding it to fail.
+test-mutants: $(STAMP)
+	$(PY) scripts/mutants.py
 
 # Cross-checks against torch/torchvision (a large download).
 test-peers: $(STAMP)

@@ -167,3 +167,37 @@ def test_cuda_columns_and_grouped_conv_match_cpu(deform):
         results[device.platform] = (y, *grads, t)
     for got, want in zip(results["gpu"], results["cpu"], strict=True):
         assert rel_err(got, want) <= 1e-5
+
+
+# The gradient matrix of tests/test_grads.py, smaller: every axis of variation once.
+GPU_GRAD_CASES = [CASES[i] for i in (4, 6, 8, 10, 12, 17)]
+
+
+@pytest.mark.parametrize(
+    "name", ["sample_depthwise", "deform_sample_depthwise", "scope_im2col", "deform_scope_im2col"]
+)
+@pytest.mark.parametrize("case", GPU_GRAD_CASES, ids=case_id)
+def test_cuda_derivatives_match_cpu_and_reference(case, name):
+    from test_grads import OPS, bound, derivatives
+
+    rng = np.random.default_rng(6)
+    a, geo = make_case(rng, **case)
+    names = OPS[name][1]
+    results = {}
+    for device in (_gpus()[0], jax.devices("cpu")[0]):
+        args = on(device, tuple(a[k] for k in names))
+        shape = jax.eval_shape(bound(name, a, geo, "ffi"), *args).shape
+        cot = on(device, jnp.asarray(np.random.default_rng(7).normal(size=shape), jnp.float32))
+        tangents = on(
+            device,
+            tuple(
+                jnp.asarray(np.random.default_rng(8).normal(size=v.shape), jnp.float32)
+                for v in args
+            ),
+        )
+        for impl in ("ffi", "xla") if device.platform == "cpu" else ("ffi",):
+            vjp, jvp = derivatives(bound(name, a, geo, impl), args, cot, tangents)
+            results[device.platform, impl] = (*vjp, jvp)
+    for want in (results["cpu", "ffi"], results["cpu", "xla"]):
+        for got, w in zip(results["gpu", "ffi"], want, strict=True):
+            assert rel_err(got, w) <= 1e-5
