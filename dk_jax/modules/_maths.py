@@ -311,4 +311,3 @@ def per_sample_conv(x: Array, kernels: Array, geo: Geometry, groups: int, precis
                 ).reshape(n, ho, wo, f)
             y = term if y is None else y + term
     return y
-
