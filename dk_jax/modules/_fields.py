@@ -53,6 +53,17 @@ class ConvFields:
     # Per-layer wording of a field's line in the docstring, where it differs from FIELD_DOCS.
     FIELD_NOTES: ClassVar[dict[str, str]] = {}
 
+    def __repr__(self) -> str:
+        """The layer's name and its fields, keyword fields only where they are not the default
+        (what an NNX layer shows as its `config`; linen modules keep Flax's repr)."""
+        shown = [
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if f.name not in ("parent", "name")
+            and (not f.kw_only or getattr(self, f.name) is not f.default)
+        ]
+        return f"{type(self).__name__.removesuffix('Body')}({', '.join(shown)})"
+
 
 @body
 class OpsFields(ConvFields):

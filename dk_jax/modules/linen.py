@@ -49,7 +49,9 @@ def _linen(body: type) -> type:
     """The linen module of a layer body, named and documented like it."""
     name = body.__name__.removesuffix("Body")
     doc = compose_doc(body, "Attributes")
-    return type(name, (body, Layer), {"__doc__": doc, "__module__": __name__})
+    # Flax's tree-like repr, not the body's one-line one.
+    namespace = {"__doc__": doc, "__module__": __name__, "__repr__": nn.Module.__repr__}
+    return type(name, (body, Layer), namespace)
 
 
 SampleDepthwise = _linen(sampling.SampleDepthwiseBody)
