@@ -1,23 +1,16 @@
 """dk-jax: Deformable Kernels (Gao et al., ICLR 2020) for JAX and Flax.
 
-Operators (`sample_depthwise`, `deform_sample_depthwise`, `nd_linear_sample`) are JAX primitives
-backed by XLA FFI custom calls (C++ on CPU, CUDA on GPU), with a pure-jax.numpy reference path;
-the Flax linen modules in `dk_jax.modules` build every deformable-kernel variant on them.
+Operators (`sample_depthwise`, `deform_sample_depthwise`, `nd_linear_sample`, and the
+scope-space columns behind `sample_conv`) are JAX primitives backed by XLA FFI custom calls (C++
+on CPU, CUDA on GPU), with a pure-jax.numpy reference path; their exact maths is in
+docs/OPERATORS.md. The Flax layers built on them are `dk_jax.<Layer>` (flax.linen, from
+`dk_jax.modules`) and `dk_jax.nnx.<Layer>` (flax.nnx).
 """
 
+from dk_jax import modules, nnx
 from dk_jax._ffi import available as ffi_available
 from dk_jax.analysis import effective_receptive_field, erf_radius, theoretical_receptive_field
-from dk_jax.modules import (
-    CondConv2d,
-    DeformableSampleDepthwise,
-    DeformConv2d,
-    DeformKernel2d,
-    DeformKernelConv2d,
-    GlobalDeformKernel2d,
-    LocalDeformKernel2d,
-    SampleConv,
-    SampleDepthwise,
-)
+from dk_jax.modules import *  # noqa: F403  (the linen layers, listed in modules.__all__)
 from dk_jax.ops import (
     deform_sample_conv,
     deform_sample_depthwise,
@@ -29,15 +22,7 @@ from dk_jax.ops import (
 )
 
 __all__ = [
-    "CondConv2d",
-    "DeformConv2d",
-    "DeformKernel2d",
-    "DeformKernelConv2d",
-    "DeformableSampleDepthwise",
-    "GlobalDeformKernel2d",
-    "LocalDeformKernel2d",
-    "SampleConv",
-    "SampleDepthwise",
+    *modules.__all__,
     "deform_sample_conv",
     "deform_sample_depthwise",
     "deform_scope_im2col",
@@ -45,6 +30,7 @@ __all__ = [
     "erf_radius",
     "ffi_available",
     "nd_linear_sample",
+    "nnx",
     "sample_conv",
     "sample_depthwise",
     "scope_im2col",

@@ -136,7 +136,7 @@ def theoretical_receptive_field(
 
     Args:
       layers: one tuple per layer, input first: `(kernel_size, stride, dilation, padding)`,
-        each an int or a pair; `padding` is the low-side padding (the `p` of SPEC.md, so
+        each an int or a pair; `padding` is the low-side padding (the `p` of docs/OPERATORS.md:
         output i reads inputs `i*s - p + a*d`). Trailing items may be left out: stride,
         dilation default to 1 and padding to `(kernel_size - 1)//2 * dilation`.
 
@@ -253,7 +253,7 @@ def kernel_sample_positions(
 
     Tap (a, b) of group g at output (i, j) reads the (Sh, Sw) scope kernel bilinearly at
     `(a + r_y + (Sh-Kh)/2, b + r_x + (Sw-Kw)/2)` with
-    `(r_y, r_x) = rotation[n, i, j, ((g*Kh + a)*Kw + b)*2 + (0, 1)]` (SPEC.md section 3).
+    `(r_y, r_x) = rotation[n, i, j, ((g*Kh + a)*Kw + b)*2 + (0, 1)]` (docs/OPERATORS.md).
 
     Args:
       rotation: (N, Ho, Wo, G*Kh*Kw*2) kernel-space offsets (a DK layer sows it as
@@ -299,7 +299,7 @@ def image_sample_positions(
     """Where a (deformable) convolution reads the image at chosen output locations.
 
     Tap (a, b) at output (i, j) reads `(i*sh - ph + a*dh + o_y, j*sw - pw + b*dw + o_x)` with
-    `(o_y, o_x) = offset[n, i, j, (a*Kw + b)*2 + (0, 1)]` (SPEC.md section 3); offset None
+    `(o_y, o_x) = offset[n, i, j, (a*Kw + b)*2 + (0, 1)]` (docs/OPERATORS.md); offset None
     means the rigid grid.
 
     Args:

@@ -1,6 +1,6 @@
 """Claims about dk_jax.analysis: the ERF of a linear conv stack is its composite kernel, the
 theoretical receptive field follows the usual recursion, erf_radius finds the disc holding a
-given mass, the sampled-position helpers follow SPEC.md's index layout, and bad input raises
+given mass, the sampled-position helpers follow the operators' index layout, and bad input raises
 errors that name the argument."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Claims about scope-space im2col and the grouped / full local deformable convolutions built
-on it (issue: beyond depthwise): the ffi columns agree with the reference columns, the grouped
-and full convolutions agree with a naive reference that resamples the whole kernel at every
-location, and the columns primitive differentiates, transposes and batches."""
+on it: the ffi columns agree with the reference columns, the grouped and full convolutions
+agree with a naive reference that resamples the whole kernel at every location, and the columns
+primitive differentiates, transposes and batches."""
 
 from __future__ import annotations
 

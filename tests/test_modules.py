@@ -1,5 +1,5 @@
-"""Claims about the Flax modules of SPEC section 6 (issue 3): at init each layer is the plain
-convolution it generalises; with random parameters each equals a hand-written composition of
+"""Claims about the flax.linen layers: at init each layer is the plain convolution it
+generalises; with random parameters each equals a hand-written composition of
 jax.numpy and the xla ops; each jits, differentiates, vmaps and computes in bfloat16; "scope"
 clipping holds for huge offsets; docstrings list the parameters; bad configurations raise."""
 

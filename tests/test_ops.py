@@ -1,4 +1,4 @@
-"""Claims about the operators of SPEC sections 3-4 on the ffi path: it agrees with the
+"""Claims about the operators (docs/OPERATORS.md) on the ffi path: it agrees with the
 independent jax.numpy reference, differentiates, transposes and batches, and handles bad and
 non-finite input without crashing."""
 

@@ -1,7 +1,7 @@
 """Claims about the pure-jax.numpy reference (the oracle), checked against closed forms.
 
 Nothing here compares the reference with the ffi kernels: these tests establish that the
-oracle itself is SPEC.md section 3, so that other tests may trust it.
+oracle itself computes the formulas of docs/OPERATORS.md, so that other tests may trust it.
 """
 
 import functools
@@ -171,7 +171,7 @@ def _naive_bilinear(plane, u, v):
     return total
 
 
-def test_deform_matches_a_loop_over_the_spec_formula():
+def test_deform_matches_a_loop_over_the_documented_formula():
     n, h, w, c, g = 1, 5, 4, 4, 2
     kernel, stride, padding, dilation, scope = (2, 3), (2, 1), (1, 1), (2, 1), (4, 4)
     ho = _out_size(h, kernel[0], stride[0], padding[0], dilation[0])

@@ -1,4 +1,4 @@
-"""ImageNet-style training of deformable-kernel networks (SPEC section 7).
+"""ImageNet-style training of deformable-kernel networks (docs/TRAINING.md).
 
 Layout, after flax's examples/imagenet:
 
