@@ -194,10 +194,8 @@ def test_a_corrupt_jpeg_is_fatal_with_its_path_or_skipped_by_config(tmp_path):
     assert list(batch.mask) == [1, 1, 1, 0]  # skipped images do not count in evaluation
     # In training the skipped image is replaced by another image of the same batch.
     train = images.Augment(train=True, image_size=8, eval_resize=8, skip_corrupt=True)
-    elements = [
-        images.EvalElements(val.paths, val.labels, train, global_batch=4)(j) for j in range(4)
-    ]
-    batch = images.collate(elements, train=True)
+    elements = images.EvalElements(val.paths, val.labels, train, global_batch=4)
+    batch = images.collate([images.Chunk(elements, 4)(0)], train=True)
     assert batch.mask.all() and (batch.image[3] == batch.image[0]).all()
     assert batch.label[3] == batch.label[0]
 
@@ -452,6 +450,7 @@ def _train_events(workdir: Path) -> list[dict]:
 def test_a_run_killed_mid_way_resumes_to_bitwise_the_same_parameters(tmp_path, jax_cache):
     root = make_folder(tmp_path / "d", classes=3, train=16, val=4, size=32)
     extra = [
+        "data.workers=2",  # grain worker processes, killed with the run
         "optim.num_steps=60",
         "optim.batch_size=16",
         "data.image_size=28",

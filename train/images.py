@@ -277,14 +277,30 @@ class Batch:
     skipped: tuple[int, ...] = ()
 
 
-def collate(elements: Sequence[dict[str, np.ndarray]], train: bool) -> Batch:
-    """Stacks samples into a Batch. A skipped (corrupt) image of a train batch is replaced by
-    another image of the batch, so batch statistics see only real images; in an eval batch it
-    keeps mask 0."""
-    image = np.stack([e["image"] for e in elements])
-    label = np.asarray([e["label"] for e in elements], np.int32)
-    mask = np.asarray([e["mask"] for e in elements], np.float32)
-    index = np.asarray([e["index"] for e in elements], np.int64)
+class Chunk:
+    """Chunk c -> samples c*k .. c*k+k-1 of `elements`, stacked (a dict of (k, ...) arrays):
+    one task of a worker. Chunks of a few images, not single images, because each task costs
+    about 1 ms of shared-memory and queue work in the trainer and the worker; not whole
+    batches, so that every worker has a share of each batch."""
+
+    def __init__(self, elements, size: int):
+        self.elements = elements
+        self.size = size
+
+    def __call__(self, c: int) -> dict[str, np.ndarray]:
+        k = self.size
+        items = [self.elements(j) for j in range(int(c) * k, int(c) * k + k)]
+        return {key: np.stack([e[key] for e in items]) for key in items[0]}
+
+
+def collate(chunks: Sequence[dict[str, np.ndarray]], train: bool) -> Batch:
+    """Concatenates chunks into a Batch. A skipped (corrupt) image of a train batch is replaced
+    by another image of the batch, so batch statistics see only real images; in an eval batch
+    it keeps mask 0."""
+    image = np.concatenate([c["image"] for c in chunks])
+    label = np.concatenate([c["label"] for c in chunks]).astype(np.int32)
+    mask = np.concatenate([c["mask"] for c in chunks]).astype(np.float32)
+    index = np.concatenate([c["index"] for c in chunks])
     bad = np.flatnonzero((mask == 0) & (index >= 0))
     if bad.size and train:
         good = np.flatnonzero(mask > 0)
@@ -304,8 +320,8 @@ class Collate:
     def __init__(self, train: bool):
         self.train = train
 
-    def __call__(self, elements) -> Batch:
-        return collate(elements, self.train)
+    def __call__(self, chunks) -> Batch:
+        return collate(chunks, self.train)
 
 
 def exit_with_parent(worker_index: int = 0, worker_count: int = 1) -> None:

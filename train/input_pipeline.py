@@ -10,11 +10,13 @@ the same images, augmented the same way, whether the run started at step 0 or re
 the iterator's state is the step, which the checkpoint holds.
 
 Each process reads its slice of every global batch: a `grain.MapDataset` over the elements of
-its stream (`images.TrainElements`: element index -> decoded, augmented image), from the first
-element of `start_step` on; grain's multiprocessing prefetch decodes the images in `workers`
-processes (one image per task, results in shared memory, in stream order); the batch is stacked
-in this process and placed on the mesh with `jax.make_array_from_process_local_data`. A worker
-that dies makes the next read raise instead of waiting forever.
+its stream (`images.TrainElements`: element index -> decoded, augmented image; `start_step` is
+where it starts), in chunks of up to CHUNK images; grain's multiprocessing prefetch decodes the
+chunks in `workers` processes (results in shared memory, in stream order, every worker holding
+part of each batch); the chunks are concatenated into the batch in this process and placed on
+the mesh with `jax.make_array_from_process_local_data`. Nothing here runs a thread or a pool of
+its own. A worker that dies makes the next read raise (within about a second) instead of
+waiting forever, and a worker whose trainer dies exits (`images.exit_with_parent`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LAYOUT = "root/{train,val}/<class>/<image>.{jpg,jpeg,png}"
+# Images per worker task (at most; a divisor of the local batch).
+CHUNK = 16
 # The ILSVRC2012 devkit's file that maps ILSVRC2012_ID (the integers of its ground-truth file)
 # to WordNet IDs (the class folder names of train/).
 DEVKIT_META = "meta.mat"
@@ -274,8 +278,7 @@ def train_batch(
 ) -> Batch:
     """This process's slice of the global batch of `step`, decoded here (no workers)."""
     elements = train_elements(split, aug, seed, global_batch, process_index, process_count)
-    b = elements.local_batch
-    return images.collate([elements(j) for j in range(step * b, (step + 1) * b)], train=True)
+    return images.collate([images.Chunk(elements, elements.local_batch)(step)], train=True)
 
 
 def eval_batch(
@@ -283,8 +286,7 @@ def eval_batch(
 ) -> Batch:
     """This process's slice of eval batch `t`, decoded here (no workers)."""
     elements = eval_elements(split, aug, global_batch, process_index, process_count)
-    b = elements.local_batch
-    return images.collate([elements(j) for j in range(t * b, (t + 1) * b)], train=False)
+    return images.collate([images.Chunk(elements, elements.local_batch)(t)], train=False)
 
 
 def host_batches(
@@ -297,26 +299,28 @@ def host_batches(
     prefetch: int,
     repeat: bool = False,
 ) -> grain.IterDataset:
-    """grain: elements start..stop-1 decoded in `workers` processes (0: in this one), in
-    order, stacked into batches of `local_batch`; about `prefetch` batches decoded ahead.
+    """grain: elements start..stop-1 (multiples of `local_batch`) decoded in `workers`
+    processes (0: in this one) in chunks of CHUNK images or fewer, in order, concatenated
+    into batches of `local_batch`; about `prefetch` batches decoded ahead.
     `repeat`: start..stop-1 over and over (one set of workers for many passes)."""
-    ds = grain.MapDataset.range(start, stop)
+    k = math.gcd(local_batch, CHUNK)
+    ds = grain.MapDataset.range(start // k, stop // k)
     if repeat:
         ds = ds.repeat()
-    ds = ds.map(elements)
-    # Each worker decodes its images one at a time: the workers are the parallelism.
+    ds = ds.map(images.Chunk(elements, k))
+    # Each worker decodes its chunks one at a time: the workers are the parallelism.
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if workers > 0:
         # grain reads its absl flags when it starts workers; this program does not parse any,
         # so the flags keep their defaults.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        buffer = max(1, math.ceil(max(prefetch, 1) * local_batch / workers))
+        buffer = max(1, math.ceil(max(prefetch, 1) * local_batch / k / workers))
         ds = ds.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer),
             worker_init_fn=images.exit_with_parent,
         )
-    return ds.batch(local_batch, drop_remainder=False, batch_fn=images.Collate(train))
+    return ds.batch(local_batch // k, drop_remainder=False, batch_fn=images.Collate(train))
 
 
 def _device_batches(
