@@ -246,6 +246,64 @@ def models_section(models):
     return out
 
 
+def input_section(inp):
+    if inp is None:
+        return [
+            "## Input pipeline",
+            "",
+            "Not measured yet: run `python -m benchmarks.input`.",
+            "",
+        ]
+    env = inp["environment"]
+    img = inp["images"]
+    load = inp["load_average"]
+    out = [
+        "## Input pipeline (train augmentation, 224x224)",
+        "",
+        f"Command: `{inp['command']}`",
+        "",
+        f"- cpu_model: {env['cpu_model']}",
+        f"- cpus: {env['cpus']}",
+        f"- python {env['python']}, pillow {env['pillow']}, grain {env['grain']}, "
+        f"numpy {env['numpy']}",
+        f"- load average (1 min) before / after: {load['before'][0]:.2f} / {load['after'][0]:.2f}",
+        "",
+        f"{img['count']} generated {img['size'][0]}x{img['size'][1]} JPEGs with the 1/f "
+        f"spectrum of photographs (mean {img['mean_kb']:.0f} KB). Decode + augment per core is "
+        "images per CPU second of one process; `previous` is the code before grain (full "
+        "decode, flip in numpy).",
+        "",
+        "| decode + augment, one process | images / CPU s | images / s |",
+        "|---|---:|---:|",
+    ]
+    sets = [("", inp["per_core"])]
+    if "per_core_large" in inp:
+        large = inp["large_images"]
+        sets.append((f" ({large['size'][0]}x{large['size'][1]})", inp["per_core_large"]))
+    for tag, rows in sets:
+        for name in ("previous", "full_decode", "reduced_decode"):
+            r = rows[name]
+            out.append(f"| {name}{tag} | {r['images_per_cpu_s']:.0f} | {r['images_per_s']:.0f} |")
+    for tag, rows in sets:
+        out.append(f"| reduced vs previous{tag} | {rows['speedup_vs_previous']:.2f}x | |")
+    out += [
+        "",
+        "| grain pipeline (chunks of 16, batch 32) | images / s | images / CPU s | "
+        "2 workers vs 1 |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, rows in inp["pipeline"].items():
+        for w in ("1_workers", "2_workers"):
+            r = rows[w]
+            scale = f"{rows['scaling_2_vs_1']:.2f}x" if w == "2_workers" else ""
+            out.append(
+                f"| {name}, {w.replace('_', ' ')} | {r['images_per_s']:.0f} | "
+                f"{r['images_per_cpu_s']:.0f} | {scale} |"
+            )
+    out.append("")
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/BENCHMARKS.md")
@@ -288,6 +346,7 @@ def main(argv=None):
     if not gpus:
         out += ["## Operators, GPU", "", "Not measured: no GPU was available.", ""]
     out += models_section(load("models_cpu.json"))
+    out += input_section(load("input_cpu.json"))
     extra = os.path.join("docs", "BENCHMARKS_NOTES.md")
     if os.path.exists(extra):
         with open(extra) as f:

@@ -437,7 +437,7 @@ def train_and_evaluate(config: Config, workdir: str | Path | None = None) -> dic
     eval_batch = _eval_batch_size(config, mesh)
     log.info(
         "%s: %s/%s, %d params, %d train / %d val images, %d classes, %d steps "
-        "(%d per epoch), %d devices",
+        "(%d per epoch), %d devices, peak lr %.4g (%.4g per 256 images)",
         config.name,
         config.model.arch,
         config.model.conv,
@@ -448,6 +448,8 @@ def train_and_evaluate(config: Config, workdir: str | Path | None = None) -> dic
         total_steps,
         steps_per_epoch,
         mesh.size,
+        peak_learning_rate(optim),
+        optim.learning_rate,
     )
 
     val = {}
