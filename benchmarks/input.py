@@ -145,26 +145,37 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def pipeline(paths: list[str], workers: int, reduced: bool, batch: int, steps: int) -> dict:
-    """Images per wall second of the grain pipeline, first batch excluded, and images per CPU
-    second of this process and its workers together (decode, shared memory, stacking)."""
+def pipeline(
+    paths: list[str], workers: int, reduced: bool, batch: int, steps: int, chunk: int = 0
+) -> dict:
+    """Images per wall second of the grain pipeline, first batch excluded; images per CPU
+    second of this process and its workers together (decode, shared memory, stacking); and
+    the CPU milliseconds per image spent in this process (the trainer's share)."""
     labels = np.zeros(len(paths), np.int32)
     elements = images.TrainElements(paths, labels, augment(reduced), seed=0, global_batch=batch)
     # Repeated, so that the workers are still there (and counted) after the last timed batch.
-    ds = input_pipeline.host_batches(elements, 0, steps * batch, batch, True, workers, 4, True)
+    ds = input_pipeline.host_batches(
+        elements, 0, steps * batch, batch, True, workers, 4, repeat=True, chunk=chunk
+    )
     it = iter(ds)
     first = next(it)
     assert first.image.shape == (batch, 224, 224, 3)
     pids = [os.getpid()] + [
         p.pid for p in multiprocessing.active_children() if p.name.startswith("grain")
     ]
-    t0, c0 = time.perf_counter(), _cpu_seconds(pids)
+    t0, c0, m0 = time.perf_counter(), _cpu_seconds(pids), _cpu_seconds(pids[:1])
     n = 0
     for _ in range(steps):
         n += len(next(it).label)
     dt, cpu = time.perf_counter() - t0, _cpu_seconds(pids) - c0
+    main_ms = 1e3 * (_cpu_seconds(pids[:1]) - m0) / n
     it.close()
-    return {"images_per_s": n / dt, "images_per_cpu_s": n / cpu, "images": n}
+    return {
+        "images_per_s": n / dt,
+        "images_per_cpu_s": n / cpu,
+        "main_cpu_ms_per_image": main_ms,
+        "images": n,
+    }
 
 
 def environment() -> dict:
@@ -225,6 +236,8 @@ def main(argv=None) -> dict:
                 rows["2_workers"]["images_per_s"] / rows["1_workers"]["images_per_s"]
             )
             result["pipeline"][name] = rows
+        # One image per worker task instead of a chunk: what the chunks save the trainer.
+        result["pipeline_one_image_per_task"] = pipeline(paths, 1, True, args.batch, steps, chunk=1)
         result["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
     print(json.dumps(result, indent=2))
     if args.json:

@@ -280,7 +280,7 @@ class Batch:
 class Chunk:
     """Chunk c -> samples c*k .. c*k+k-1 of `elements`, stacked (a dict of (k, ...) arrays):
     one task of a worker. Chunks of a few images, not single images, because each task costs
-    about 1 ms of shared-memory and queue work in the trainer and the worker; not whole
+    the trainer shared-memory and queue work (benchmarks/input.py measures it); not whole
     batches, so that every worker has a share of each batch."""
 
     def __init__(self, elements, size: int):

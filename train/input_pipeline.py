@@ -298,12 +298,14 @@ def host_batches(
     workers: int,
     prefetch: int,
     repeat: bool = False,
+    chunk: int = 0,
 ) -> grain.IterDataset:
     """grain: elements start..stop-1 (multiples of `local_batch`) decoded in `workers`
     processes (0: in this one) in chunks of CHUNK images or fewer, in order, concatenated
     into batches of `local_batch`; about `prefetch` batches decoded ahead.
-    `repeat`: start..stop-1 over and over (one set of workers for many passes)."""
-    k = math.gcd(local_batch, CHUNK)
+    `repeat`: start..stop-1 over and over (one set of workers for many passes); `chunk`: the
+    chunk size to use instead of CHUNK (a benchmark knob)."""
+    k = math.gcd(local_batch, chunk or CHUNK)
     ds = grain.MapDataset.range(start // k, stop // k)
     if repeat:
         ds = ds.repeat()
