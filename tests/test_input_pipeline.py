@@ -283,6 +283,7 @@ def test_a_killed_grain_worker_stops_the_run_with_an_error(tmp_path, jax_cache):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    print(f"the run exited {elapsed:.1f} s after its worker was killed")
     assert proc.returncode == 2, stderr[-4000:]
     assert elapsed < 60
     assert "dk-train: error: the input pipeline stopped" in stderr
