@@ -175,6 +175,9 @@ def test_a_missing_or_inconsistent_val_label_is_a_clear_error(tmp_path):
         input_pipeline.read_split(flat, "val", classes)
 
 
+# Slow (a training run and two evaluations); the label mapping it rests on is checked image by
+# image in the default suite above.
+@pytest.mark.slow
 def test_a_flat_val_folder_evaluates_to_the_top1_of_the_class_folders(tmp_path, jax_cache):
     root = make_folder(tmp_path / "d", classes=3, train=16, val=6)
     names = flatten_val(root, tmp_path / "flat", np.random.default_rng(2))
