@@ -22,6 +22,7 @@ waiting forever, and a worker whose trainer dies exits (`images.exit_with_parent
 from __future__ import annotations
 
 import csv
+import gc
 import logging
 import math
 from collections.abc import Iterator
@@ -351,6 +352,9 @@ def _device_batches(
         # Stops grain's worker processes now rather than when the iterator is collected.
         if hasattr(it, "close"):
             it.close()
+        # The last chunks' shared memory is released when the iterator goes, not at exit.
+        del it
+        gc.collect()
 
 
 def to_global(batch: Batch, sharding: NamedSharding) -> dict[str, jax.Array]:
