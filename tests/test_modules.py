@@ -27,8 +27,15 @@ from dk_jax.modules import (
 )
 from dk_jax.reference import naive_sample_conv
 
-ALL_MODULES = [SampleDepthwise, DeformableSampleDepthwise, GlobalDeformKernel2d,
-               LocalDeformKernel2d, DeformKernelConv2d, DeformConv2d, CondConv2d]
+ALL_MODULES = [
+    SampleDepthwise,
+    DeformableSampleDepthwise,
+    GlobalDeformKernel2d,
+    LocalDeformKernel2d,
+    DeformKernelConv2d,
+    DeformConv2d,
+    CondConv2d,
+]
 # rbg keys: initialisers compile much faster than with threefry, which keeps the file quick.
 KEY = jax.random.key(0, impl="rbg")
 
@@ -73,9 +80,15 @@ def geometry(m, x):
 
 
 def conv(x, kernel, strides, pads, dilation, groups=1):
-    return lax.conv_general_dilated(x, kernel, strides, pads, rhs_dilation=dilation,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                    feature_group_count=groups)
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        strides,
+        pads,
+        rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
 
 
 def centre(kernel, k):
@@ -94,8 +107,14 @@ def centre(kernel, k):
 def depthwise_conv(m, x, kernel, bias):
     """nn.Conv(feature_group_count=C) with the given (Kh, Kw, C) kernel and (C,) bias."""
     c = x.shape[-1]
-    ref = nn.Conv(c, kernel.shape[:2], strides=m.strides, padding=m.padding,
-                  kernel_dilation=m.kernel_dilation, feature_group_count=c)
+    ref = nn.Conv(
+        c,
+        kernel.shape[:2],
+        strides=m.strides,
+        padding=m.padding,
+        kernel_dilation=m.kernel_dilation,
+        feature_group_count=c,
+    )
     return ref.apply({"params": {"kernel": jnp.asarray(kernel)[:, :, None, :], "bias": bias}}, x)
 
 
@@ -110,8 +129,9 @@ GEOMETRIES = [
 ]
 
 
-@pytest.mark.parametrize("kernel, scope", [(3, 3), (3, 4), ((3, 2), (5, 3))],
-                         ids=["S=K", "S=K+1", "S=K+(2,1)"])
+@pytest.mark.parametrize(
+    "kernel, scope", [(3, 3), (3, 4), ((3, 2), (5, 3))], ids=["S=K", "S=K+1", "S=K+(2,1)"]
+)
 def test_local_dk_at_init_is_depthwise_conv_with_scope_centre(rng, kernel, scope):
     x = normal(rng, (2, 8, 7, 4))
     m = DeformKernel2d(scope_size=scope, kernel_size=kernel, rotation_groups=2)
@@ -127,15 +147,22 @@ def test_local_dk_at_init_is_depthwise_conv_with_scope_centre(rng, kernel, scope
 @pytest.mark.parametrize("groups", [1, 4])
 def test_global_dk_at_init_is_conv_with_scope_centre(rng, groups):
     x = normal(rng, (2, 8, 7, 4))
-    m = GlobalDeformKernel2d(features=4, scope_size=(4, 5), kernel_size=(3, 2),
-                             feature_group_count=groups)
+    m = GlobalDeformKernel2d(
+        features=4, scope_size=(4, 5), kernel_size=(3, 2), feature_group_count=groups
+    )
     v = m.init(KEY, x)
     v["params"]["bias"] = normal(rng, (4,))
     kernel = jnp.asarray(centre(v["params"]["kernel"], (3, 2)))
     for geo in GEOMETRIES:
         m = m.clone(**geo)
-        ref = nn.Conv(4, (3, 2), strides=m.strides, padding=m.padding,
-                      kernel_dilation=m.kernel_dilation, feature_group_count=groups)
+        ref = nn.Conv(
+            4,
+            (3, 2),
+            strides=m.strides,
+            padding=m.padding,
+            kernel_dilation=m.kernel_dilation,
+            feature_group_count=groups,
+        )
         expected = ref.apply({"params": {"kernel": kernel, "bias": v["params"]["bias"]}}, x)
         assert rel_err(m.apply(v, x), expected) <= 1e-5, geo
 
@@ -144,8 +171,7 @@ def test_global_dk_at_init_is_conv_with_scope_centre(rng, groups):
 @pytest.mark.parametrize("groups, features", [(1, 6), (2, 6), (4, 8)])
 def test_grouped_dk_at_init_is_grouped_conv_with_scope_centre(rng, module, groups, features):
     x = normal(rng, (2, 8, 7, 4))
-    m = module(scope_size=(4, 5), kernel_size=(3, 2), features=features,
-               feature_group_count=groups)
+    m = module(scope_size=(4, 5), kernel_size=(3, 2), features=features, feature_group_count=groups)
     v = m.init(KEY, x)
     inner = v["params"]["inner_conv"]
     assert inner["kernel"].shape == (4, 5, 4 // groups, features)
@@ -153,8 +179,14 @@ def test_grouped_dk_at_init_is_grouped_conv_with_scope_centre(rng, module, group
     kernel = jnp.asarray(centre(inner["kernel"], (3, 2)))
     for geo in GEOMETRIES:
         m = m.clone(**geo)
-        ref = nn.Conv(features, (3, 2), strides=m.strides, padding=m.padding,
-                      kernel_dilation=m.kernel_dilation, feature_group_count=groups)
+        ref = nn.Conv(
+            features,
+            (3, 2),
+            strides=m.strides,
+            padding=m.padding,
+            kernel_dilation=m.kernel_dilation,
+            feature_group_count=groups,
+        )
         expected = ref.apply({"params": {"kernel": kernel, "bias": inner["bias"]}}, x)
         assert rel_err(m.apply(v, x), expected) <= 1e-5, geo
 
@@ -226,10 +258,18 @@ def padded(x, pads):
 def ref_grouped(m, p, x, rotation, offset=None):
     """A grouped / full inner conv: the naive reference that resamples the whole kernel."""
     k, s, d, pads = geometry(m, x)
-    y = naive_sample_conv(padded(x, pads), rotation, p["kernel"], offset, kernel_size=k,
-                          stride=s, padding=(0, 0), dilation=d,
-                          rotation_groups=m.rotation_groups,
-                          feature_group_count=m.feature_group_count)
+    y = naive_sample_conv(
+        padded(x, pads),
+        rotation,
+        p["kernel"],
+        offset,
+        kernel_size=k,
+        stride=s,
+        padding=(0, 0),
+        dilation=d,
+        rotation_groups=m.rotation_groups,
+        feature_group_count=m.feature_group_count,
+    )
     return y + p["bias"]
 
 
@@ -237,9 +277,16 @@ def ref_sample(m, p, x, rotation):
     if p["kernel"].ndim == 4:
         return ref_grouped(m, p, x, rotation)
     k, s, d, pads = geometry(m, x)
-    y = dk_jax.sample_depthwise(padded(x, pads), rotation, p["kernel"], kernel_size=k, stride=s,
-                                dilation=d, rotation_groups=m.rotation_groups,
-                                implementation="xla")
+    y = dk_jax.sample_depthwise(
+        padded(x, pads),
+        rotation,
+        p["kernel"],
+        kernel_size=k,
+        stride=s,
+        dilation=d,
+        rotation_groups=m.rotation_groups,
+        implementation="xla",
+    )
     return y + p["bias"]
 
 
@@ -247,10 +294,17 @@ def ref_deform_sample(m, p, x, offset, rotation):
     if p["kernel"].ndim == 4:
         return ref_grouped(m, p, x, rotation, offset)
     k, s, d, pads = geometry(m, x)
-    y = dk_jax.deform_sample_depthwise(padded(x, pads), offset, rotation, p["kernel"],
-                                       kernel_size=k, stride=s, dilation=d,
-                                       rotation_groups=getattr(m, "rotation_groups", 1),
-                                       implementation="xla")
+    y = dk_jax.deform_sample_depthwise(
+        padded(x, pads),
+        offset,
+        rotation,
+        p["kernel"],
+        kernel_size=k,
+        stride=s,
+        dilation=d,
+        rotation_groups=getattr(m, "rotation_groups", 1),
+        implementation="xla",
+    )
     return y + p["bias"]
 
 
@@ -286,16 +340,20 @@ def ref_global(m, p, x):
     (kh, kw), (sh, sw) = k, pair(m.scope_size)
     cin = x.shape[-1] // m.feature_group_count
     shift = x.mean((1, 2)) @ p["fc"]["kernel"] + p["fc"]["bias"]  # (N, Kh*Kw*2)
-    grid = [((sh - (kh - 1) - 1) / 2 + a, (sw - (kw - 1) - 1) / 2 + b)
-            for a in range(kh) for b in range(kw)]
+    grid = [
+        ((sh - (kh - 1) - 1) / 2 + a, (sw - (kw - 1) - 1) / 2 + b)
+        for a in range(kh)
+        for b in range(kw)
+    ]
     coords = shift.reshape(-1, kh * kw, 2) + jnp.asarray(grid, jnp.float32)
     coords = jnp.clip(coords, 0, jnp.asarray([sh - 1, sw - 1], jnp.float32))
     outs = []
     for n in range(x.shape[0]):
-        kernel = dk_jax.nd_linear_sample(p["kernel"].reshape(sh, sw, -1), coords[n],
-                                         implementation="xla")
+        kernel = dk_jax.nd_linear_sample(
+            p["kernel"].reshape(sh, sw, -1), coords[n], implementation="xla"
+        )
         kernel = kernel.reshape(kh, kw, cin, m.features)
-        outs.append(conv(x[n:n + 1], kernel, s, pads, d, m.feature_group_count))
+        outs.append(conv(x[n : n + 1], kernel, s, pads, d, m.feature_group_count))
     return jnp.concatenate(outs) + p["bias"]
 
 
@@ -305,14 +363,16 @@ def ref_condconv(m, p, x):
     outs = []
     for n in range(x.shape[0]):
         kernel = sum(routing[n, e] * p["kernel"][e] for e in range(m.num_experts))
-        outs.append(conv(x[n:n + 1], kernel, s, pads, d, m.feature_group_count))
+        outs.append(conv(x[n : n + 1], kernel, s, pads, d, m.feature_group_count))
     return jnp.concatenate(outs) + p["bias"]
 
 
 def out_hw(m, x):
     k, s, d, pads = geometry(m, x)
-    return tuple((size + lo + hi - dd * (kk - 1) - 1) // ss + 1
-                 for size, (lo, hi), kk, ss, dd in zip(x.shape[1:3], pads, k, s, d, strict=True))
+    return tuple(
+        (size + lo + hi - dd * (kk - 1) - 1) // ss + 1
+        for size, (lo, hi), kk, ss, dd in zip(x.shape[1:3], pads, k, s, d, strict=True)
+    )
 
 
 def extra_inputs(m, x, rng):
@@ -332,9 +392,13 @@ def ref_any(m, p, x, *extra):
         return ref_sample(m, p, x, *extra)
     if isinstance(m, DeformableSampleDepthwise):
         return ref_deform_sample(m, p, x, *extra)
-    return {GlobalDeformKernel2d: ref_global, LocalDeformKernel2d: ref_local,
-            DeformKernelConv2d: ref_dk_conv, DeformConv2d: ref_deform_conv,
-            CondConv2d: ref_condconv}[type(m)](m, p, x)
+    return {
+        GlobalDeformKernel2d: ref_global,
+        LocalDeformKernel2d: ref_local,
+        DeformKernelConv2d: ref_dk_conv,
+        DeformConv2d: ref_deform_conv,
+        CondConv2d: ref_condconv,
+    }[type(m)](m, p, x)
 
 
 CASES = {
@@ -342,25 +406,31 @@ CASES = {
     "sample-stride-same": SampleDepthwise((5, 4), (3, 2), strides=2),
     "deform-sample": DeformableSampleDepthwise(4, 3, kernel_dilation=2, rotation_groups=4),
     "global": GlobalDeformKernel2d(6, 4, 3, feature_group_count=2),
-    "global-depthwise": GlobalDeformKernel2d(4, (5, 4), (3, 2), strides=2, padding=1,
-                                             feature_group_count=4),
+    "global-depthwise": GlobalDeformKernel2d(
+        4, (5, 4), (3, 2), strides=2, padding=1, feature_group_count=4
+    ),
     "local": LocalDeformKernel2d(4, 3, rotation_groups=2),
-    "local-scope-clip": LocalDeformKernel2d((5, 4), 3, strides=2, kernel_dilation=(1, 2),
-                                            rotation_clip="scope"),
+    "local-scope-clip": LocalDeformKernel2d(
+        (5, 4), 3, strides=2, kernel_dilation=(1, 2), rotation_clip="scope"
+    ),
     "local-pair-clip": LocalDeformKernel2d(3, 3, padding="VALID", rotation_clip=(-0.4, 0.3)),
     "dk-conv": DeformKernelConv2d(4, 3, kernel_dilation=(2, 1), rotation_groups=2),
-    "dk-conv-clips": DeformKernelConv2d((4, 5), 3, strides=2, offset_clip=(-0.5, 0.5),
-                                        rotation_clip="scope"),
+    "dk-conv-clips": DeformKernelConv2d(
+        (4, 5), 3, strides=2, offset_clip=(-0.5, 0.5), rotation_clip="scope"
+    ),
     "deform-conv": DeformConv2d(3, kernel_dilation=(1, 2), padding=2),
     "deform-conv-clip": DeformConv2d((3, 2), strides=2, offset_clip=(-1.0, 0.2)),
     "sample-conv": SampleConv(6, 4, 3, rotation_groups=2, feature_group_count=2),
     "local-full": LocalDeformKernel2d(4, 3, features=6, feature_group_count=1, rotation_groups=2),
-    "local-grouped": LocalDeformKernel2d((5, 4), 3, strides=2, features=8, feature_group_count=2,
-                                         rotation_clip="scope"),
-    "dk-conv-full": DeformKernelConv2d(4, 3, features=5, feature_group_count=1,
-                                       kernel_dilation=(2, 1)),
-    "dk-conv-grouped": DeformKernelConv2d((4, 5), 3, features=8, feature_group_count=4,
-                                          rotation_groups=2, offset_clip=(-0.5, 0.5)),
+    "local-grouped": LocalDeformKernel2d(
+        (5, 4), 3, strides=2, features=8, feature_group_count=2, rotation_clip="scope"
+    ),
+    "dk-conv-full": DeformKernelConv2d(
+        4, 3, features=5, feature_group_count=1, kernel_dilation=(2, 1)
+    ),
+    "dk-conv-grouped": DeformKernelConv2d(
+        (4, 5), 3, features=8, feature_group_count=4, rotation_groups=2, offset_clip=(-0.5, 0.5)
+    ),
     "condconv": CondConv2d(6, 3, 3, feature_group_count=2),
     "condconv-strided": CondConv2d(4, 2, (3, 2), strides=2, kernel_dilation=2),
 }
@@ -395,8 +465,17 @@ def test_inner_layers_default_to_zero_offsets(rng):
 
 # --- 3. jit, grad, vmap, bfloat16 -----------------------------------------------------------
 
-TRANSFORM_CASES = ["sample", "deform-sample", "global", "local", "dk-conv", "deform-conv",
-                   "condconv", "local-full", "dk-conv-grouped"]
+TRANSFORM_CASES = [
+    "sample",
+    "deform-sample",
+    "global",
+    "local",
+    "dk-conv",
+    "deform-conv",
+    "condconv",
+    "local-full",
+    "dk-conv-grouped",
+]
 
 
 @pytest.mark.parametrize("name", TRANSFORM_CASES)
@@ -409,8 +488,9 @@ def test_jit_matches_eager(rng, name):
 def test_grad_reaches_every_parameter(rng, name):
     m, v, x, extra = setup(name, rng)
     w = normal(rng, m.apply(v, x, *extra).shape)
-    grads, gx = jax.jit(jax.grad(lambda v, x: jnp.sum(m.apply(v, x, *extra) * w),
-                                 argnums=(0, 1)))(v, x)
+    grads, gx = jax.jit(jax.grad(lambda v, x: jnp.sum(m.apply(v, x, *extra) * w), argnums=(0, 1)))(
+        v, x
+    )
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         g = np.asarray(g)
         assert np.isfinite(g).all(), jax.tree_util.keystr(path)
@@ -448,17 +528,21 @@ def test_bfloat16_compute_with_float32_params(rng, name):
     assert rel_err(y.astype(jnp.float32), m.apply(v, x, *extra)) <= 5e-2
     loss = jax.jit(jax.grad(lambda v: jnp.sum(low.apply(v, x, *extra).astype(jnp.float32))))
     grads = loss(v)
-    assert all(g.dtype == jnp.float32 and np.isfinite(np.asarray(g)).all()
-               for g in jax.tree.leaves(grads))
+    assert all(
+        g.dtype == jnp.float32 and np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads)
+    )
 
 
 # --- 4. "scope" clipping --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", [
-    LocalDeformKernel2d((5, 4), (3, 2), rotation_groups=2, rotation_clip="scope"),
-    DeformKernelConv2d((4, 6), 3, strides=2, rotation_clip="scope"),
-])
+@pytest.mark.parametrize(
+    "module",
+    [
+        LocalDeformKernel2d((5, 4), (3, 2), rotation_groups=2, rotation_clip="scope"),
+        DeformKernelConv2d((4, 6), 3, strides=2, rotation_clip="scope"),
+    ],
+)
 def test_scope_clip_keeps_huge_rotations_inside_the_scope(rng, module):
     x = normal(rng, (2, 8, 7, 4))
     v = random_variables(module, x, rng=rng)
@@ -479,8 +563,9 @@ def test_scope_clip_keeps_huge_rotations_inside_the_scope(rng, module):
 
 
 def test_pair_clips_bound_the_sown_offsets(rng):
-    m = DeformKernelConv2d(4, 3, kernel_dilation=(2, 1), offset_clip=(-1.0, 0.5),
-                           rotation_clip=(-0.25, 0.75))
+    m = DeformKernelConv2d(
+        4, 3, kernel_dilation=(2, 1), offset_clip=(-1.0, 0.5), rotation_clip=(-0.25, 0.75)
+    )
     x = normal(rng, (1, 6, 6, 4))
     v = random_variables(m, x, rng=rng, scale=100.0)
     _, state = m.apply(v, x, mutable=["intermediates"])
@@ -503,7 +588,8 @@ def test_every_adaptive_layer_sows_what_it_predicts(rng):
     }
     for m, expected in sown.items():
         _, state = jax.eval_shape(
-            lambda m=m: m.init_with_output(KEY, x, mutable=["params", "intermediates"]))
+            lambda m=m: m.init_with_output(KEY, x, mutable=["params", "intermediates"])
+        )
         shapes = {k: v[0].shape for k, v in state["intermediates"].items()}
         assert shapes == expected, type(m).__name__
 

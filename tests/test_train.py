@@ -58,7 +58,7 @@ TINY = [
     "model.stem_stride=1",
     "model.stage_sizes=(1,1,1)",
     "optim.batch_size=8",
-    "optim.learning_rate=0.1",
+    "optim.learning_rate=3.2",  # per 256 images: 0.1 at batch 8
     "optim.warmup_epochs=0.5",
     "optim.label_smoothing=0.0",
     "run.progress=False",
@@ -185,17 +185,19 @@ def test_a_corrupt_jpeg_is_fatal_with_its_path_or_skipped_by_config(tmp_path):
     bad = root / "val" / "class_1" / "001.jpg"
     bad.write_bytes(bad.read_bytes()[:40])  # a truncated JPEG
     val = input_pipeline.read_split(root, "val")
-    spec = next(input_pipeline.eval_batch_specs(val, 4))
     fatal = images.Augment(train=False, image_size=8, eval_resize=8)
     with pytest.raises(images.CorruptImageError, match=f"cannot read image '{bad}'"):
-        images.load_batch(fatal, *spec)
+        input_pipeline.eval_batch(val, fatal, 0, 4)
     skip = images.Augment(train=False, image_size=8, eval_resize=8, skip_corrupt=True)
-    batch = images.load_batch(skip, *spec)
-    assert batch.skipped == (str(bad),)
+    batch = input_pipeline.eval_batch(val, skip, 0, 4)
+    assert [val.paths[i] for i in batch.skipped] == [str(bad)]
     assert list(batch.mask) == [1, 1, 1, 0]  # skipped images do not count in evaluation
+    # In training the skipped image is replaced by another image of the same batch.
     train = images.Augment(train=True, image_size=8, eval_resize=8, skip_corrupt=True)
-    batch = images.load_batch(train, *spec)
-    assert batch.mask.all() and (batch.image[3] == batch.image[0]).all()  # replaced
+    elements = images.EvalElements(val.paths, val.labels, train, global_batch=4)
+    batch = images.collate([images.Chunk(elements, 4)(0)], train=True)
+    assert batch.mask.all() and (batch.image[3] == batch.image[0]).all()
+    assert batch.label[3] == batch.label[0]
 
 
 def test_a_bad_run_folder_fails_the_command_with_a_clear_message(tmp_path):
@@ -211,45 +213,65 @@ def test_a_bad_run_folder_fails_the_command_with_a_clear_message(tmp_path):
 def test_the_data_order_is_a_pure_function_of_seed_and_epoch(tmp_path):
     root = make_folder(tmp_path / "d", classes=3, train=8, val=1)
     split = input_pipeline.read_split(root, "train")
-    a = input_pipeline.train_batch_spec(split, seed=1, step=7, global_batch=4)
-    b = input_pipeline.train_batch_spec(split, seed=1, step=7, global_batch=4)
-    assert a[0] == b[0] and a[2] == b[2]
+    aug = images.Augment(train=True, image_size=8, eval_resize=8)
+
+    def step(s, seed=1, process_index=0, process_count=1):
+        """(epoch, split index) of each element of step s on one process."""
+        el = input_pipeline.train_elements(split, aug, seed, 4, process_index, process_count)
+        b = el.local_batch
+        return [el.sample(j) for j in range(s * b, (s + 1) * b)]
+
     # Step 7 with 6 steps per epoch is batch 1 of epoch 1, whatever came before.
     order = input_pipeline.epoch_order(1, 1, len(split))
-    assert a[0] == [split.paths[i] for i in order[4:8]]
+    assert step(7) == [(1, int(i)) for i in order[4:8]]
+    assert step(7) != step(7, seed=2)
     # Every epoch visits each image at most once, in a new order.
-    epoch0 = sum((input_pipeline.train_batch_spec(split, 1, s, 4)[0] for s in range(6)), [])
-    epoch1 = sum((input_pipeline.train_batch_spec(split, 1, s, 4)[0] for s in range(6, 12)), [])
-    assert len(set(epoch0)) == 24 and epoch0 != epoch1
+    epoch0 = sum((step(s) for s in range(6)), [])
+    epoch1 = sum((step(s) for s in range(6, 12)), [])
+    assert len({i for _, i in epoch0}) == 24
+    assert [i for _, i in epoch0] != [i for _, i in epoch1]
     # Two processes each get their half of the global batch.
-    halves = [input_pipeline.train_batch_spec(split, 1, 7, 4, p, 2)[0] for p in (0, 1)]
-    assert halves[0] + halves[1] == a[0]
+    assert step(7, 1, 0, 2) + step(7, 1, 1, 2) == step(7)
+    # Sample i of epoch e is augmented with seed (seed, e, i): the same pixels at every step
+    # that shows it, through the grain pipeline as through a direct call.
+    e, i = step(7)[2]
+    batch = input_pipeline.train_batch(split, aug, 1, 7, 4)
+    np.testing.assert_array_equal(
+        batch.image[2], images.load_example(split.paths[i], aug, (1, e, i))
+    )
 
 
-def test_batches_do_not_depend_on_the_worker_pool(tmp_path):
+def test_batches_do_not_depend_on_the_number_of_grain_workers(tmp_path):
     root = make_folder(tmp_path / "d", classes=2, train=6, val=1)
     split = input_pipeline.read_split(root, "train")
     aug = images.Augment(train=True, image_size=12, eval_resize=12, crop_area=(0.3, 1.0))
-    specs = [input_pipeline.train_batch_spec(split, 3, s, 4) for s in range(3)]
-    with input_pipeline.Loader(0, 1) as inline, input_pipeline.Loader(2, 3) as pool:
-        a = list(inline.map(aug, specs))
-        b = list(pool.map(aug, specs))
-    for x, y in zip(a, b, strict=True):
-        assert x.image.shape == (4, 12, 12, 3) and x.image.dtype == np.uint8
-        np.testing.assert_array_equal(x.image, y.image)
-        np.testing.assert_array_equal(x.label, y.label)
-    assert not np.array_equal(a[0].image, a[1].image)
+    expected = [input_pipeline.train_batch(split, aug, 3, s, 4) for s in range(2, 7)]
+    elements = input_pipeline.train_elements(split, aug, 3, 4)
+    for workers in (0, 2):
+        # Steps 2..6, as a run resumed at step 2 reads them (an epoch boundary at step 3).
+        it = iter(input_pipeline.host_batches(elements, 8, 28, 4, True, workers, 2))
+        got = list(it)
+        it.close()
+        assert len(got) == len(expected)
+        for x, y in zip(expected, got, strict=True):
+            assert y.image.shape == (4, 12, 12, 3) and y.image.dtype == np.uint8
+            np.testing.assert_array_equal(x.image, y.image)
+            np.testing.assert_array_equal(x.label, y.label)
+    assert not np.array_equal(expected[0].image, expected[1].image)
 
 
 def test_eval_batches_cover_every_image_once_with_padding(tmp_path):
     root = make_folder(tmp_path / "d", classes=3, train=1, val=3)
     split = input_pipeline.read_split(root, "val", ("class_0", "class_1", "class_2"))
-    specs = list(input_pipeline.eval_batch_specs(split, 4))
-    assert len(specs) == input_pipeline.num_eval_batches(split, 4) == 3
-    valid = sum((list(s[3]) for s in specs), [])
-    assert valid == [True] * 9 + [False] * 3
-    paths = sum((list(s[0]) for s in specs), [])[:9]
-    assert paths == list(split.paths)
+    aug = images.Augment(train=False, image_size=8, eval_resize=10)
+    assert input_pipeline.num_eval_batches(split, 4) == 3
+    batches = [input_pipeline.eval_batch(split, aug, t, 4) for t in range(3)]
+    mask = np.concatenate([b.mask for b in batches])
+    assert list(mask) == [1.0] * 9 + [0.0] * 3
+    assert list(np.concatenate([b.label for b in batches])[:9]) == list(split.labels)
+    # Two processes: each takes its half of every global batch.
+    halves = [input_pipeline.eval_batch(split, aug, 1, 4, p, 2) for p in (0, 1)]
+    np.testing.assert_array_equal(np.concatenate([h.image for h in halves]), batches[1].image)
 
 
 # --- the embedded dataset -------------------------------------------------------------------
@@ -322,7 +344,7 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     from jax.sharding import NamedSharding, PartitionSpec as P
     from train import input_pipeline, models, train as tr
     from train.config import load_config
-    from train.images import Augment, load_batch
+    from train.images import Augment
 
     root, workdir, overrides = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
     config = load_config("digits_deformed", overrides)
@@ -333,7 +355,7 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     # One step from the same state and batch on 4 devices and on 1.
     split = input_pipeline.read_split(root, "train")
     aug = Augment(train=True, image_size=config.data.image_size, eval_resize=16, channels=1)
-    host_batch = load_batch(aug, *input_pipeline.train_batch_spec(split, 0, 0, 16))
+    host_batch = input_pipeline.train_batch(split, aug, 0, 0, 16)
     results = {}
     mesh1 = tr.create_mesh(jax.devices()[:1])
     lr = tr.create_learning_rate_fn(config.optim, 3, 20)
@@ -372,7 +394,7 @@ def test_data_parallel_on_4_devices_learns_and_never_gathers_activations(tmp_pat
         f"data.root={root}",
         "optim.num_steps=20",
         "optim.batch_size=16",
-        "optim.learning_rate=0.05",
+        "optim.learning_rate=0.8",  # 0.05 at batch 16
         "run.checkpoint_every_steps=100",
     ]
     out = subprocess.run(
@@ -428,6 +450,7 @@ def _train_events(workdir: Path) -> list[dict]:
 def test_a_run_killed_mid_way_resumes_to_bitwise_the_same_parameters(tmp_path, jax_cache):
     root = make_folder(tmp_path / "d", classes=3, train=16, val=4, size=32)
     extra = [
+        "data.workers=2",  # grain worker processes, killed with the run
         "optim.num_steps=60",
         "optim.batch_size=16",
         "data.image_size=28",

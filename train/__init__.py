@@ -6,8 +6,8 @@ Layout, after flax's examples/imagenet:
     config.py          the plain config object, file loading, `key=value` overrides
     configs/*.py       one `get_config()` per experiment
     train.py           create_train_state, train_step, eval_step, train_and_evaluate
-    input_pipeline.py  the ImageNet-layout folder -> sharded device batches
-    images.py          decoding and augmentation, run in the loader's worker processes
+    input_pipeline.py  the ImageNet-layout folder -> grain -> sharded device batches
+    images.py          decoding and augmentation, run in grain's worker processes
     digits.py          generates the embedded `digits_deformed` dataset
     models.py          ResNet-50-DW, MobileNet-V2, a small ResNet; one swappable `conv`
     checkpoints.py     orbax checkpoints (atomic, keep last k) and exact resume

@@ -3,8 +3,9 @@ RNG): saved every `every` steps and at the end, the last `keep` kept.
 
 Orbax writes each checkpoint into a temporary folder and renames it into place when complete,
 so a run killed mid-save leaves the previous checkpoint as the latest one; leftover temporary
-folders are removed when the manager opens the directory. The position in the data order is
-the step itself (see input_pipeline), so restoring the state restores everything a run needs.
+folders are removed when the manager opens the directory. The input iterator's state is the
+step itself (the pipeline is a pure function of it, see input_pipeline), which the TrainState
+holds, so restoring the state restores everything a run needs, with any number of workers.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ class Checkpoints:
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
+
+    def due(self, step: int) -> bool:
+        """Whether `save(step)` would write a checkpoint (without `force`)."""
+        return bool(self.manager.should_save(step))
 
     def save(self, step: int, state: Any, meta: dict | None = None, *, force: bool = False) -> bool:
         """Saves when `step` is a multiple of `every` (or `force`); returns whether it did."""

@@ -21,6 +21,10 @@ class ConfigError(ValueError):
     """A config file, key or value that cannot be used."""
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot go on (a non-finite loss); the message says what to do."""
+
+
 class Config:
     """Attribute access over a fixed set of keys; nested Configs for groups.
 

@@ -10,12 +10,13 @@ JSON object with val_loss, val_top1 and val_top5 (fractions) and the step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 from pathlib import Path
 
-from train.config import Config, ConfigError, apply_overrides
+from train.config import Config, ConfigError, apply_overrides, load_config
 from train.images import DatasetError
 
 
@@ -28,6 +29,20 @@ def run_dir_of(path: str | Path) -> Path:
     return path
 
 
+def default_config() -> dict:
+    return load_config("default").to_dict()
+
+
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _with_defaults(out[key], value)
+    return out
+
+
 def evaluate_checkpoint(checkpoint: str | Path, step: int | None = None, overrides=()) -> dict:
     import jax
 
@@ -36,7 +51,9 @@ def evaluate_checkpoint(checkpoint: str | Path, step: int | None = None, overrid
     from train.checkpoints import Checkpoints
 
     run_dir = run_dir_of(checkpoint)
-    config = apply_overrides(Config(**json.loads((run_dir / "config.json").read_text())), overrides)
+    # Keys added since the run was written take their defaults.
+    saved = _with_defaults(json.loads((run_dir / "config.json").read_text()), default_config())
+    config = apply_overrides(Config(**saved), overrides)
     config.data.generate = ""  # evaluate what is there; never write a dataset here
     mesh = tr.create_mesh()
     train_split, val_split = tr.prepare_data(config)
@@ -52,10 +69,18 @@ def evaluate_checkpoint(checkpoint: str | Path, step: int | None = None, overrid
     state, meta = checkpoints.restore(abstract, step)
     _, p_eval = tr.compile_steps(mesh, lambda s: 0.0, config)
     _, eval_aug = tr.augmentations(config.data)
-    with input_pipeline.Loader(config.data.workers, config.data.prefetch) as loader:
-        result = tr.evaluate(
-            p_eval, state, val_split, eval_aug, mesh, loader, tr._eval_batch_size(config, mesh)
-        )
+    batch_size = tr._eval_batch_size(config, mesh)
+    batches = input_pipeline.eval_iterator(
+        val_split,
+        eval_aug,
+        mesh,
+        global_batch=batch_size,
+        workers=config.data.workers,
+        prefetch=config.data.prefetch,
+    )
+    with contextlib.closing(batches):
+        num_batches = input_pipeline.num_eval_batches(val_split, batch_size)
+        result = tr.evaluate(p_eval, state, batches, num_batches)
     checkpoints.close()
     return {"config": config.name, "step": int(jax.device_get(state.step)), **result}
 

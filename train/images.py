@@ -1,15 +1,22 @@
-"""Reading and augmenting one image, and one batch of them. This module runs in the loader's
-worker processes, so it imports only numpy and PIL (never jax).
+"""Reading and augmenting one image, and the element functions of the input pipeline. This
+module runs in grain's worker processes, so it imports only numpy and PIL (never jax).
 
-Every random choice for a sample comes from `np.random.default_rng(seed)` with a seed the
-caller derives from (run seed, epoch, sample index), so a batch is a pure function of its
-spec: the worker that decodes it and the order batches finish in do not matter.
+Every random choice for a sample comes from `np.random.default_rng(seed)` with a seed derived
+from (run seed, epoch, sample index), so an element is a pure function of its index in the
+stream: the worker that decodes it and the order workers finish in do not matter.
+
+JPEGs are decoded at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling, through PIL's `draft`) when
+the crop still covers at least the output side at that size; the crop box is drawn from the full
+image size first, so the reduced decode changes pixel values only, never which region is taken.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +42,8 @@ class Augment:
     eval_resize: eval only: the shorter side is resized to this before the centre crop.
     crop_area, crop_ratio: train only: the crop covers a fraction of the image area drawn
       uniformly from crop_area, with aspect ratio (w/h) drawn log-uniformly from crop_ratio.
+    reduced_decode: decode JPEGs at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps at
+      least image_size pixels across the crop in each direction; False decodes at full size.
     """
 
     train: bool
@@ -45,16 +54,7 @@ class Augment:
     flip: bool = True
     channels: int = 3
     skip_corrupt: bool = False
-
-
-def open_image(path: str | os.PathLike, channels: int) -> Image.Image:
-    """Opens and fully decodes an image as RGB (channels=3) or greyscale (channels=1)."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB" if channels == 3 else "L")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise CorruptImageError(f"cannot read image {str(path)!r}: {e}") from e
+    reduced_decode: bool = True
 
 
 def random_resized_crop_box(
@@ -98,68 +98,243 @@ def centre_crop_box(width: int, height: int, resize: int, size: int):
     return left, top, left + side_w, top + side_h
 
 
-def load_example(path: str, aug: Augment, seed: tuple[int, ...]) -> np.ndarray:
-    """One image -> (S, S, channels) uint8."""
-    img = open_image(path, aug.channels)
-    width, height = img.size
+_OPEN_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
+
+
+def crop_geometry(
+    width: int, height: int, aug: Augment, seed: Sequence[int]
+) -> tuple[tuple[float, float, float, float], bool]:
+    """(box, flip) for an image of this size: the random-resized-crop box and coin (train, in
+    this order from `default_rng(seed)`) or the centre-crop box (eval, no flip)."""
     if aug.train:
         rng = np.random.default_rng(seed)
         box = random_resized_crop_box(width, height, rng, aug.crop_area, aug.crop_ratio)
-        flip = aug.flip and rng.random() < 0.5
-    else:
-        box = centre_crop_box(width, height, aug.eval_resize, aug.image_size)
-        flip = False
-    img = img.resize((aug.image_size, aug.image_size), Image.Resampling.BILINEAR, box=box)
+        return box, bool(aug.flip and rng.random() < 0.5)
+    return centre_crop_box(width, height, aug.eval_resize, aug.image_size), False
+
+
+def load_example(path: str, aug: Augment, seed: Sequence[int]) -> np.ndarray:
+    """One image -> (S, S, channels) uint8: crop `box`, resize to S x S (bilinear), flip.
+
+    With `aug.reduced_decode`, a JPEG whose crop box is bw x bh pixels is decoded at scale
+    1/a, a in {1, 2, 4, 8} the largest with bw / a >= S and bh / a >= S."""
+    mode = "RGB" if aug.channels == 3 else "L"
+    s = aug.image_size
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            box, flip = crop_geometry(width, height, aug, seed)
+            if aug.reduced_decode and img.format == "JPEG":
+                bw, bh = box[2] - box[0], box[3] - box[1]
+                # draft() picks the largest scale whose size is at least the one asked for.
+                img.draft(mode, (math.ceil(width * s / bw), math.ceil(height * s / bh)))
+                sx, sy = img.size[0] / width, img.size[1] / height
+                box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+            img.load()
+            img = img.convert(mode)
+    except _OPEN_ERRORS as e:
+        raise CorruptImageError(f"cannot read image {str(path)!r}: {e}") from e
+    img = img.resize((s, s), Image.Resampling.BILINEAR, box=box)
+    if flip:  # in PIL: ~10x cheaper than copying a reversed numpy view
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     out = np.asarray(img, dtype=np.uint8)
-    if out.ndim == 2:
-        out = out[:, :, None]
-    if flip:
-        out = out[:, ::-1]
-    return out
+    return out[:, :, None] if out.ndim == 2 else out
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order in which epoch `epoch` visits the n training images."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _element(path: str, label: int, index: int, aug: Augment, seed) -> dict[str, np.ndarray]:
+    """One decoded sample: image (S, S, C) uint8, label int32, mask float32 (0: the image is
+    corrupt and skipped, or padding), index int64 (position in the split; -1: padding)."""
+    mask = 1.0
+    try:
+        image = load_example(path, aug, seed)
+    except CorruptImageError:
+        if not aug.skip_corrupt:
+            raise
+        image = np.zeros((aug.image_size, aug.image_size, aug.channels), np.uint8)
+        mask = 0.0
+    return {
+        "image": image,
+        "label": np.int32(label),
+        "mask": np.float32(mask),
+        "index": np.int64(index),
+    }
+
+
+def _padding(aug: Augment) -> dict[str, np.ndarray]:
+    return {
+        "image": np.zeros((aug.image_size, aug.image_size, aug.channels), np.uint8),
+        "label": np.int32(0),
+        "mask": np.float32(0.0),
+        "index": np.int64(-1),
+    }
+
+
+def _compact(paths: Sequence[str]) -> tuple[str, np.ndarray]:
+    """(common folder, paths below it as one bytes array): what every worker receives, so
+    ImageNet's 1.28M paths travel as one ~40 MB buffer instead of 1.28M str objects."""
+    paths = [os.fspath(p) for p in paths]
+    prefix = os.path.commonprefix(paths) if paths else ""
+    cut = prefix.rfind(os.sep) + 1  # the common folder, with its trailing separator
+    return prefix[:cut], np.asarray([os.fsencode(p[cut:]) for p in paths], dtype=bytes)
+
+
+class TrainElements:
+    """Element j of one process's training stream -> one decoded, augmented sample.
+
+    With B = global_batch, b = B / process_count and E = n // B steps per epoch, element j
+    belongs to step s = j // b, epoch e = s // E, and is sample
+    i = epoch_order(seed, e, n)[(s mod E) * B + process_index * b + j mod b], augmented with
+    seed (seed, e, i). So a step's images do not depend on the process count, the number of
+    workers, or where the run started.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        labels: np.ndarray,
+        aug: Augment,
+        *,
+        seed: int,
+        global_batch: int,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        self.root, self.paths = _compact(paths)
+        self.labels = np.asarray(labels, np.int32)
+        self.aug = aug
+        self.seed = seed
+        self.global_batch = global_batch
+        self.local_batch = global_batch // process_count
+        self.offset = process_index * self.local_batch
+        self.steps_per_epoch = len(self.paths) // global_batch
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_order": None}
+
+    def sample(self, j: int) -> tuple[int, int]:
+        """(epoch, split index) of element j."""
+        step, k = divmod(int(j), self.local_batch)
+        epoch, b = divmod(step, self.steps_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            # One permutation per epoch, not per element (1.28M entries take ~25 ms).
+            self._order = (epoch, epoch_order(self.seed, epoch, len(self.paths)))
+        return epoch, int(self._order[1][b * self.global_batch + self.offset + k])
+
+    def __call__(self, j: int) -> dict[str, np.ndarray]:
+        epoch, i = self.sample(j)
+        path = os.path.join(self.root, os.fsdecode(self.paths[i]))
+        return _element(path, self.labels[i], i, self.aug, (self.seed, epoch, i))
+
+
+class EvalElements:
+    """Element j of one process's evaluation stream: eval batch t = j // b covers split indices
+    t * B + process_index * b + (j mod b); indices past the split are padding (mask 0)."""
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        labels: np.ndarray,
+        aug: Augment,
+        *,
+        global_batch: int,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        self.root, self.paths = _compact(paths)
+        self.labels = np.asarray(labels, np.int32)
+        self.aug = aug
+        self.global_batch = global_batch
+        self.local_batch = global_batch // process_count
+        self.offset = process_index * self.local_batch
+        self.num_batches = -(-len(self.paths) // global_batch)
+
+    def __len__(self) -> int:
+        return self.num_batches * self.local_batch
+
+    def __call__(self, j: int) -> dict[str, np.ndarray]:
+        t, k = divmod(int(j), self.local_batch)
+        i = t * self.global_batch + self.offset + k
+        if i >= len(self.paths):
+            return _padding(self.aug)
+        path = os.path.join(self.root, os.fsdecode(self.paths[i]))
+        return _element(path, self.labels[i], i, self.aug, (0,))
 
 
 @dataclass(frozen=True)
 class Batch:
     """A decoded batch: images (B, S, S, C) uint8, labels (B,) int32, mask (B,) float32 (0 for
-    padding and for skipped images), and the paths of the images that were skipped."""
+    padding and for skipped images), and the split indices of the images that were skipped."""
 
     image: np.ndarray
     label: np.ndarray
     mask: np.ndarray
-    skipped: tuple[str, ...] = ()
+    skipped: tuple[int, ...] = ()
 
 
-def load_batch(aug: Augment, paths, labels, seeds, valid) -> Batch:
-    """Decodes one batch. `valid[i]` False marks padding (a zeros image, mask 0).
+class Chunk:
+    """Chunk c -> samples c*k .. c*k+k-1 of `elements`, stacked (a dict of (k, ...) arrays):
+    one task of a worker. Chunks of a few images, not single images, because each task costs
+    the trainer shared-memory and queue work (benchmarks/input.py measures it); not whole
+    batches, so that every worker has a share of each batch."""
 
-    A corrupt image raises CorruptImageError, or with `aug.skip_corrupt` is reported in
-    `skipped`; in a train batch its place is taken by another image of the batch (so batch
-    statistics see only real images), in an eval batch it gets mask 0.
-    """
-    s, c = aug.image_size, aug.channels
-    n = len(paths)
-    image = np.zeros((n, s, s, c), np.uint8)
-    label = np.asarray(labels, np.int32).copy()
-    mask = np.asarray(valid, np.float32).copy()
-    skipped = []
-    for i in range(n):
-        if not valid[i]:
-            continue
-        try:
-            image[i] = load_example(paths[i], aug, tuple(seeds[i]))
-        except CorruptImageError:
-            if not aug.skip_corrupt:
-                raise
-            skipped.append(paths[i])
-            mask[i] = 0.0
-    if skipped and aug.train:
+    def __init__(self, elements, size: int):
+        self.elements = elements
+        self.size = size
+
+    def __call__(self, c: int) -> dict[str, np.ndarray]:
+        k = self.size
+        items = [self.elements(j) for j in range(int(c) * k, int(c) * k + k)]
+        return {key: np.stack([e[key] for e in items]) for key in items[0]}
+
+
+def collate(chunks: Sequence[dict[str, np.ndarray]], train: bool) -> Batch:
+    """Concatenates chunks into a Batch. A skipped (corrupt) image of a train batch is replaced
+    by another image of the batch, so batch statistics see only real images; in an eval batch
+    it keeps mask 0."""
+    image = np.concatenate([c["image"] for c in chunks])
+    label = np.concatenate([c["label"] for c in chunks]).astype(np.int32)
+    mask = np.concatenate([c["mask"] for c in chunks]).astype(np.float32)
+    index = np.concatenate([c["index"] for c in chunks])
+    bad = np.flatnonzero((mask == 0) & (index >= 0))
+    if bad.size and train:
         good = np.flatnonzero(mask > 0)
         if good.size == 0:
-            raise CorruptImageError(f"every image of a batch is corrupt: {skipped}")
-        for k, i in enumerate(np.flatnonzero(mask == 0)):
+            raise CorruptImageError(
+                f"every image of a batch is corrupt (split indices {index.tolist()})"
+            )
+        for k, i in enumerate(bad):
             j = good[k % good.size]
             image[i], label[i], mask[i] = image[j], label[j], 1.0
-    return Batch(image, label, mask, tuple(skipped))
+    return Batch(image, label, mask, tuple(int(index[i]) for i in bad))
+
+
+class Collate:
+    """`collate` with `train` bound, picklable (grain's `batch_fn`)."""
+
+    def __init__(self, train: bool):
+        self.train = train
+
+    def __call__(self, chunks) -> Batch:
+        return collate(chunks, self.train)
+
+
+def exit_with_parent(worker_index: int = 0, worker_count: int = 1) -> None:
+    """grain `worker_init_fn`: the worker exits within a second of its parent, so a training
+    process killed with SIGKILL (or by the OOM killer) leaves no orphaned decoders behind."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit_with_parent").start()
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 
-from train.config import ConfigError, load_config
+from train.config import ConfigError, TrainingError, load_config
 from train.images import DatasetError
 
 MULTI_HOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         from train.train import train_and_evaluate
 
         train_and_evaluate(config)
-    except (ConfigError, DatasetError) as e:
+    except (ConfigError, DatasetError, TrainingError) as e:
         print(f"dk-train: error: {e}", file=sys.stderr)
         return 2
     return 0

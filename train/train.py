@@ -16,6 +16,7 @@ run ends (on one platform and device count).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -37,7 +38,7 @@ from tqdm import tqdm
 
 from train import input_pipeline, models, report
 from train.checkpoints import Checkpoints
-from train.config import Config, ConfigError
+from train.config import Config, ConfigError, TrainingError
 from train.images import Augment
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,24 @@ def create_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), (AXIS,))
 
 
+# `optim.learning_rate` is the rate for 256 images; the run uses it scaled by the global batch
+# (Goyal et al. 2017, as flax's ImageNet example), so the recipe does not change with the
+# number of devices that share a batch.
+LR_REFERENCE_BATCH = 256
+
+
+def peak_learning_rate(optim: Config) -> float:
+    """optim.learning_rate * optim.batch_size / 256."""
+    return optim.learning_rate * optim.batch_size / LR_REFERENCE_BATCH
+
+
 def create_learning_rate_fn(optim: Config, steps_per_epoch: int, total_steps: int):
-    """Linear warmup from 0 to `learning_rate` over `warmup_epochs`, then cosine decay to 0."""
+    """Linear warmup from 0 to `peak_learning_rate(optim)` over `warmup_epochs`, then cosine
+    decay to 0."""
     warmup = min(int(optim.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
-        peak_value=optim.learning_rate,
+        peak_value=peak_learning_rate(optim),
         warmup_steps=warmup,
         decay_steps=max(total_steps, warmup + 1),
         end_value=0.0,
@@ -235,6 +248,7 @@ def augmentations(data: Config) -> tuple[Augment, Augment]:
         eval_resize=data.eval_resize,
         channels=data.channels,
         skip_corrupt=data.on_corrupt == "skip",
+        reduced_decode=data.reduced_decode,
     )
     return (
         Augment(
@@ -291,7 +305,9 @@ def prepare_data(config: Config):
             size=config.data.digits_size,
         )
     train_split = input_pipeline.read_split(root, "train")
-    val_split = input_pipeline.read_split(root, "val", train_split.classes)
+    val_split = input_pipeline.read_split(
+        root, "val", train_split.classes, labels=config.data.val_labels or None
+    )
     return train_split, val_split
 
 
@@ -314,13 +330,12 @@ def count_params(params) -> int:
     return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
 
 
-def evaluate(p_eval, state, val_split, aug, mesh, loader, batch_size: int) -> dict:
-    """Loss, top-1 and top-5 (fractions) over the whole val split."""
+def evaluate(p_eval, state, batches, num_batches: int) -> dict:
+    """Loss, top-1 and top-5 (fractions) over the next `num_batches` of `batches` (one pass
+    over the val split, see input_pipeline.eval_iterator)."""
     totals = None
-    for batch in input_pipeline.eval_iterator(
-        val_split, aug, mesh, loader, global_batch=batch_size
-    ):
-        sums = p_eval(state, batch)
+    for _ in range(num_batches):
+        sums = p_eval(state, next(batches))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = max(float(totals["count"]), 1.0)
@@ -330,6 +345,35 @@ def evaluate(p_eval, state, val_split, aug, mesh, loader, batch_size: int) -> di
         "val_top5": float(totals["top5"]) / count,
         "val_images": int(totals["count"]),
     }
+
+
+def all_finite(tree) -> bool:
+    """Whether every value of every array in `tree` is finite."""
+    leaves = jax.tree.leaves(tree)
+    return bool(jax.device_get(jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))))
+
+
+def check_finite(pending: list[dict], first_step: int, state, last_checkpoint) -> None:
+    """Raises TrainingError at the first step whose train loss is not finite, or when the
+    parameters are not (a finite loss with a non-finite update), before anything is saved."""
+    kept = (
+        f"the last checkpoint (step {last_checkpoint}) is kept"
+        if last_checkpoint is not None
+        else "no checkpoint was written"
+    )
+    losses = [float(m["train_loss"]) for m in jax.device_get(pending)]
+    for k, loss in enumerate(losses):
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"the train loss is {loss} at step {first_step + k}; stopping the run "
+                f"({kept}; lower optim.learning_rate, or check the data, then restart to "
+                "resume from it)"
+            )
+    if state is not None and not all_finite(state.params):
+        raise TrainingError(
+            f"the parameters are not finite after step {first_step + len(losses) - 1}; "
+            f"stopping the run ({kept}; lower optim.learning_rate, then restart to resume)"
+        )
 
 
 def _eval_batch_size(config: Config, mesh: Mesh) -> int:
@@ -393,7 +437,7 @@ def train_and_evaluate(config: Config, workdir: str | Path | None = None) -> dic
     eval_batch = _eval_batch_size(config, mesh)
     log.info(
         "%s: %s/%s, %d params, %d train / %d val images, %d classes, %d steps "
-        "(%d per epoch), %d devices",
+        "(%d per epoch), %d devices, peak lr %.4g (%.4g per 256 images)",
         config.name,
         config.model.arch,
         config.model.conv,
@@ -404,36 +448,74 @@ def train_and_evaluate(config: Config, workdir: str | Path | None = None) -> dic
         total_steps,
         steps_per_epoch,
         mesh.size,
+        peak_learning_rate(optim),
+        optim.learning_rate,
     )
 
     val = {}
     t_loop = time.time()
-    with input_pipeline.Loader(data.workers, data.prefetch) as loader:
-        batches = input_pipeline.train_iterator(
-            train_split,
-            train_aug,
-            mesh,
-            loader,
-            seed=config.seed,
-            start_step=start_step,
-            num_steps=total_steps,
-            global_batch=optim.batch_size,
-        )
-        bar = tqdm(
-            total=total_steps,
-            initial=start_step,
-            desc=config.name,
-            unit="step",
-            disable=not (run.progress and is_main),
-            dynamic_ncols=True,
-        )
+    val_batches = input_pipeline.eval_iterator(
+        val_split,
+        eval_aug,
+        mesh,
+        global_batch=eval_batch,
+        workers=data.workers,
+        prefetch=data.prefetch,
+        repeat=True,
+    )
+    evaluate_now = partial(
+        evaluate,
+        p_eval,
+        batches=val_batches,
+        num_batches=input_pipeline.num_eval_batches(val_split, eval_batch),
+    )
+    batches = input_pipeline.train_iterator(
+        train_split,
+        train_aug,
+        mesh,
+        seed=config.seed,
+        start_step=start_step,
+        num_steps=total_steps,
+        global_batch=optim.batch_size,
+        workers=data.workers,
+        prefetch=data.prefetch,
+    )
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc=config.name,
+        unit="step",
+        disable=not (run.progress and is_main),
+        dynamic_ncols=True,
+    )
+    # The finally clauses stop grain's workers and let a checkpoint being written finish,
+    # also when the loop raises (a non-finite loss, a dead worker).
+    with (
+        contextlib.closing(batches),
+        contextlib.closing(val_batches),
+        contextlib.ExitStack() as cleanup,
+    ):
+        cleanup.callback(checkpoints.close)
+        cleanup.callback(checkpoints.wait)
         pending, t_log, n_log, t_paused = [], time.time(), 0, 0.0
+        unchecked: list[dict] = []
         for step in range(start_step + 1, total_steps + 1):
             batch = next(batches)
             state, metrics = p_train(state, batch)
             pending.append(metrics)
+            unchecked.append(metrics)
             n_log += 1
             bar.update(1)
+            saving = step == total_steps or checkpoints.due(step)
+            if saving or step % run.log_every_steps == 0:
+                # Nothing non-finite may be logged as progress or saved as the last good state.
+                check_finite(
+                    unchecked,
+                    step - len(unchecked) + 1,
+                    state if saving else None,
+                    checkpoints.latest_step(),
+                )
+                unchecked = []
             if step % run.log_every_steps == 0 or step == total_steps:
                 event = {
                     k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]
@@ -455,23 +537,22 @@ def train_and_evaluate(config: Config, workdir: str | Path | None = None) -> dic
                 pending, t_log, n_log, t_paused = [], time.time(), 0, 0.0
             if step % eval_every == 0 or step == total_steps:
                 t_eval = time.time()
-                val = evaluate(p_eval, state, val_split, eval_aug, mesh, loader, eval_batch)
+                val = evaluate_now(state)
                 metrics_log.write({"step": step, "epoch": step / steps_per_epoch, **val})
-                bar.write(
-                    f"step {step}: val top-1 {val['val_top1']:.4f}, "
-                    f"top-5 {val['val_top5']:.4f}, loss {val['val_loss']:.4f}"
-                )
+                if is_main:
+                    bar.write(
+                        f"step {step}: val top-1 {val['val_top1']:.4f}, "
+                        f"top-5 {val['val_top5']:.4f}, loss {val['val_loss']:.4f}"
+                    )
                 t_paused += time.time() - t_eval  # images/s counts training steps only
             meta = {"step": step, "epoch": step / steps_per_epoch, "config": config.name}
             checkpoints.save(step, state, meta, force=step == total_steps)
         bar.close()
         if not val:  # nothing left to train: the run had already finished
-            val = evaluate(p_eval, state, val_split, eval_aug, mesh, loader, eval_batch)
-    t_train = time.time() - t_loop
-    if start_step == total_steps and checkpoints.latest_step() != total_steps:
-        checkpoints.save(total_steps, state, {"step": total_steps}, force=True)
-    checkpoints.wait()
-    checkpoints.close()
+            val = evaluate_now(state)
+        t_train = time.time() - t_loop
+        if start_step == total_steps and checkpoints.latest_step() != total_steps:
+            checkpoints.save(total_steps, state, {"step": total_steps}, force=True)
     metrics_log.close()
 
     summary = {

@@ -28,9 +28,15 @@ def get_config() -> Config:
             # Per-channel mean and std on the 0..255 scale.
             mean=(0.485 * 255, 0.456 * 255, 0.406 * 255),
             std=(0.229 * 255, 0.224 * 255, 0.225 * 255),
-            # Decoding worker processes (0: decode in the main process) and batches in flight.
+            # A flat val/ folder: its labels file, the ILSVRC2012 validation ground truth (with the
+            # devkit's meta.mat next to it) or a `name,label` CSV. "": val/<class>/<image>.
+            val_labels="",
+            # grain decoding worker processes (0: decode in the main process) and about how many
+            # batches they decode ahead of the step.
             workers=4,
             prefetch=4,
+            # JPEGs decoded at 1/2, 1/4 or 1/8 size when the crop keeps image_size pixels.
+            reduced_decode=True,
             # A corrupt or unreadable image: "fatal" stops the run, "skip" drops it with a warning.
             on_corrupt="fatal",
             # Only used by `generate="digits_deformed"`.
@@ -64,7 +70,8 @@ def get_config() -> Config:
             batch_size=256,  # global, over all devices and hosts
             num_epochs=90.0,
             num_steps=0,  # > 0 overrides num_epochs
-            learning_rate=0.1,  # peak, reached after the warmup
+            # Peak (after the warmup) for 256 images: the run uses learning_rate * batch_size / 256.
+            learning_rate=0.1,
             warmup_epochs=5.0,
             momentum=0.9,
             nesterov=True,

@@ -27,7 +27,7 @@ def get_config():
     optim = config.optim
     optim.batch_size = 32
     optim.num_steps = 400
-    optim.learning_rate = 0.1
+    optim.learning_rate = 0.8  # per 256 images: 0.1 at batch 32
     optim.warmup_epochs = 0.3
     run = config.run
     run.log_every_steps = 25

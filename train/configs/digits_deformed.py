@@ -33,7 +33,7 @@ def get_config():
     optim = config.optim
     optim.batch_size = 128
     optim.num_epochs = 8.0
-    optim.learning_rate = 0.2
+    optim.learning_rate = 0.4  # per 256 images: 0.2 at batch 128
     optim.warmup_epochs = 1.0
     optim.weight_decay = 5e-5
     config.run.log_every_steps = 10
