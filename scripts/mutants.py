@@ -1,0 +1,292 @@
+"""Mutation check of the test suite (`make test-mutants`).
+
+Plants deliberate bugs, one at a time, in a scratch copy of the project: in the Python rules of
+the primitives (JVP, transpose, batching, lowering parameters) and in the C++ handlers (the
+scratch copy's CPU library is rebuilt for those). For each bug it runs the tests that guard that
+code and expects them to fail. The un-mutated scratch copy runs the same tests first and must
+pass, so a mutant counts as caught only because of its bug.
+
+    python scripts/mutants.py            # every mutant; exit status 1 if any survives
+    python scripts/mutants.py --list     # the table of mutants, without running anything
+    python scripts/mutants.py --only ID  # one mutant (repeatable)
+
+When a bug is found that the suite missed, add the test that catches it and a mutant here that
+reproduces the bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PRIMITIVES = "dk_jax/primitives.py"
+CPU = "xla_ffi/dk_cpu.cc"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    id: str
+    bug: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+    @property
+    def native(self) -> bool:
+        return self.file.startswith("xla_ffi/")
+
+
+MUTANTS = [
+    Mutant(
+        "lowering-stride-dilation",
+        "stride and dilation swapped in the lowering of every mode but the forward",
+        PRIMITIVES,
+        "    rule = jax.ffi.ffi_lowering(family.target(mode, deformable))\n",
+        "    rule = jax.ffi.ffi_lowering(family.target(mode, deformable))\n"
+        '    if mode != "forward":\n'
+        "        geometry = (*geometry[:2], *geometry[6:8], *geometry[4:6], *geometry[2:4],"
+        " *geometry[8:])\n",
+        ("tests/test_grads.py::test_depthwise_derivatives_match_reference",),
+    ),
+    Mutant(
+        "jvp-drops-a-term",
+        "the JVP sums the tangent terms of all arguments but the last",
+        PRIMITIVES,
+        "    for t in terms[1:]:\n",
+        "    for t in terms[1:-1]:\n",
+        ("tests/test_ops.py::test_gradients_match_reference",),
+    ),
+    Mutant(
+        "transpose-wrong-primitive",
+        "the transpose of grad_offset in its cotangent points at jvp_rotation",
+        PRIMITIVES,
+        '("grad_offset", "cot"): ("jvp_offset", "tangent", None),\n    },\n)\n\n# Scope',
+        '("grad_offset", "cot"): ("jvp_rotation", "tangent", None),\n    },\n)\n\n# Scope',
+        ("tests/test_grads.py::test_transposed_vjp_is_the_jvp",),
+    ),
+    Mutant(
+        "batch-interleave",
+        "the batching rule unfolds (B*N, ...) as (N, B, ...)",
+        PRIMITIVES,
+        "    out = out.reshape(size, -1, *out.shape[1:])\n",
+        "    out = out.reshape(-1, size, *out.shape[1:]).swapaxes(0, 1)\n",
+        ("tests/test_grads.py::test_per_example_gradients_with_shared_and_batched_weight",),
+    ),
+    Mutant(
+        "batch-weight-first-sample",
+        "a shared weight's per-example gradient keeps the first sample instead of the sum",
+        PRIMITIVES,
+        "        out = out.sum(axis=1, keepdims=True)\n",
+        "        out = out[:, :1]\n",
+        ("tests/test_grads.py::test_per_example_gradients_with_shared_and_batched_weight",),
+    ),
+    Mutant(
+        "nd-jvp-sign",
+        "the JVP of nd_linear_sample in coord has the wrong sign",
+        PRIMITIVES,
+        'terms.append(nd_bind("jvp_coord", **named, tangent=t))',
+        'terms.append(nd_bind("jvp_coord", **named, tangent=-t))',
+        ("tests/test_grads.py::test_nd_derivatives_match_reference",),
+    ),
+    Mutant(
+        "grad-image-stride",
+        "the image gradient reads the next output row when the stride is not 1",
+        CPU,
+        "        const int64_t tap = a * p.Kw + b;\n"
+        "        const Footprint img = image_footprint<kDeform>(p, off, i, j, a, b);\n",
+        "        const int64_t tap = a * p.Kw + b;\n"
+        "        const Footprint img = image_footprint<kDeform>(\n"
+        "            p, off, (M == Mode::kGradImage && p.sh > 1) ? i + 1 : i, j, a, b);\n",
+        ("tests/test_grads.py::test_depthwise_derivatives_match_reference",),
+    ),
+    Mutant(
+        "grad-rotation-one-group",
+        "with one rotation group the column derivative of the rotation is the row one",
+        CPU,
+        "            o[1] = from_float<T>(sv);\n",
+        "            o[1] = from_float<T>(kUnitStride ? su : sv);\n",
+        ("tests/test_grads.py::test_depthwise_derivatives_match_reference",),
+    ),
+    Mutant(
+        "grad-weight-per-sample",
+        "per-sample weight gradients (a batched weight under vmap) skip each sample's last row",
+        CPU,
+        "std::pair<int64_t, int64_t>{chunk * p.Ho, (chunk + 1) * p.Ho}",
+        "std::pair<int64_t, int64_t>{chunk * p.Ho, (chunk + 1) * p.Ho - 1}",
+        ("tests/test_grads.py::test_per_example_gradients_with_shared_and_batched_weight",),
+    ),
+    Mutant(
+        "forward-low-accumulation",
+        "the bfloat16/float16 forward accumulates in the input precision",
+        CPU,
+        "\n      acc[c] += tap_product(",
+        "\n      acc[c] = to_float(from_float<T>(acc[c])) + tap_product(",
+        ("tests/test_grads.py::test_low_precision_accumulates_in_float32",),
+    ),
+    Mutant(
+        "grad-rotation-low-accumulation",
+        "the rotation gradient sums channels in the input precision",
+        CPU,
+        "              su += d * blend<4>(kf.dwdu, wr, c);\n"
+        "              sv += d * blend<4>(kf.dwdv, wr, c);\n",
+        "              su = to_float(from_float<T>(su + d * blend<4>(kf.dwdu, wr, c)));\n"
+        "              sv = to_float(from_float<T>(sv + d * blend<4>(kf.dwdv, wr, c)));\n",
+        ("tests/test_grads.py::test_low_precision_accumulates_in_float32",),
+    ),
+    Mutant(
+        "nd-grad-coord-high-dims",
+        "the coordinate gradient of nd_linear_sample differentiates along axis 0 beyond 3 dims",
+        CPU,
+        "            const float w = nd_corner_weight(f, k, int(e));\n",
+        "            const float w = nd_corner_weight(f, k, e < 3 ? int(e) : 0);\n",
+        ("tests/test_grads.py::test_nd_derivatives_match_reference",),
+    ),
+    Mutant(
+        "cols-jvp-rotation",
+        "the columns JVP in rotation uses the row tangent for both axes",
+        CPU,
+        "to_float(tan[r]), to_float(tan[r + 1]));\n            }\n#pragma GCC ivdep",
+        "to_float(tan[r]), to_float(tan[r]));\n            }\n#pragma GCC ivdep",
+        ("tests/test_grads.py::test_columns_derivatives_match_reference",),
+    ),
+]
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def scratch_copy(dest: Path) -> None:
+    """The project's files as they are now (tracked and new), and the built CPU library."""
+    listed = run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT
+    ).stdout
+    for name in filter(None, listed.split("\0")):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    library = importlib.util.find_spec("dk_jax._dk_cpu").origin
+    shutil.copy2(library, dest / "dk_jax" / Path(library).name)
+
+
+def build_cpu_library(src: Path) -> None:
+    """Builds the scratch copy's CPU library (no CUDA) and puts it into its dk_jax/."""
+    build = src / "build-mutant"
+    # cmake and ninja come with the build requirements, beside this interpreter.
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    if not (build / "build.ninja").exists():
+        pybind11_dir = run([sys.executable, "-m", "pybind11", "--cmakedir"]).stdout.strip()
+        configure = ["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja"]
+        configure += ["-DCMAKE_BUILD_TYPE=Release", "-DDK_JAX_CUDA=OFF"]
+        configure += [f"-DPython_EXECUTABLE={sys.executable}", f"-Dpybind11_DIR={pybind11_dir}"]
+        run(configure, env=env)
+    run(["cmake", "--build", str(build), "--target", "_dk_cpu"], env=env)
+    (library,) = build.glob("_dk_cpu*.so")
+    shutil.copy2(library, src / "dk_jax" / library.name)
+
+
+# pytest in the scratch copy: the editable install's import redirection is removed first, so
+# `import dk_jax` finds the scratch copy's package and library.
+RUNNER = (
+    "import sys; "
+    "sys.meta_path[:] = [f for f in sys.meta_path "
+    "if type(f).__name__ != 'ScikitBuildRedirectingFinder']; "
+    "sys.path.insert(0, sys.argv[1]); "
+    "import pytest, dk_jax; "
+    "assert dk_jax.__file__.startswith(sys.argv[1]), dk_jax.__file__; "
+    "raise SystemExit(pytest.main(sys.argv[2:]))"
+)
+
+
+def pytest_in(src: Path, tests, *extra) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", RUNNER, str(src), "-q", "-p", "no:cacheprovider", *extra, *tests]
+    return subprocess.run(cmd, cwd=src, capture_output=True, text=True)
+
+
+def first_failure(output: str) -> str:
+    for line in output.splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            return line.split(" ", 1)[1].split(" - ")[0]
+    return ""
+
+
+def table(rows) -> str:
+    lines = ["| mutant | where | planted bug | caught by | s |", "|---|---|---|---|---|"]
+    for m, caught, seconds in rows:
+        lines.append(
+            f"| `{m.id}` | `{m.file}` | {m.bug} | {caught or '**not caught**'} | {seconds} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--list", action="store_true", help="print the mutants and exit")
+    p.add_argument("--only", action="append", default=[], metavar="ID")
+    args = p.parse_args(argv)
+    mutants = [m for m in MUTANTS if not args.only or m.id in args.only]
+    if args.list:
+        print(table([(m, "`" + "`, `".join(m.tests) + "`", "") for m in mutants]))
+        return 0
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dk-mutants-") as tmp:
+        src = Path(tmp)
+        scratch_copy(src)
+        for m in mutants:
+            text = (src / m.file).read_text()
+            if text.count(m.old) != 1:
+                times = text.count(m.old)
+                print(f"mutant {m.id} no longer applies: its text occurs {times} times in {m.file}")
+                return 2
+        tests = sorted({t for m in mutants for t in m.tests})
+        baseline = pytest_in(src, tests)
+        if baseline.returncode != 0:
+            print(baseline.stdout[-4000:], baseline.stderr[-2000:])
+            print("the un-mutated scratch copy fails its tests; fix that first")
+            return 2
+        print(f"baseline: {baseline.stdout.strip().splitlines()[-1]}", flush=True)
+        rows = []
+        (library,) = (src / "dk_jax").glob("_dk_cpu*.so")
+        shutil.copy2(library, src / "built-library.so")
+        for m in mutants:
+            t0 = time.perf_counter()
+            path = src / m.file
+            original = path.read_text()
+            path.write_text(original.replace(m.old, m.new))
+            try:
+                if m.native:
+                    build_cpu_library(src)
+                result = pytest_in(src, m.tests, "-x")
+            finally:
+                path.write_text(original)
+                shutil.copy2(src / "built-library.so", library)
+            caught = first_failure(result.stdout) if result.returncode == 1 else ""
+            seconds = round(time.perf_counter() - t0)
+            rows.append((m, f"`{caught}`" if caught else "", seconds))
+            verdict = f"caught by {caught}" if caught else "NOT CAUGHT"
+            print(f"{m.id}: {verdict} ({seconds} s)", flush=True)
+    print()
+    print(table(rows))
+    survivors = [m.id for m, caught, _ in rows if not caught]
+    print(
+        f"\n{len(rows) - len(survivors)} of {len(rows)} mutants caught in "
+        f"{time.perf_counter() - start:.0f} s"
+    )
+    if survivors:
+        print("survived: " + ", ".join(survivors))
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
