@@ -19,6 +19,7 @@ Data flows modules -> ops: this file calls only the public ops of `dk_jax.ops` a
 """
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -27,6 +28,7 @@ import numpy as np
 from flax import linen as nn
 from flax.typing import Array, Dtype, Initializer, PaddingLike, PrecisionLike
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from dk_jax import _checks, ops
 
@@ -642,10 +644,20 @@ class GlobalDeformKernel2d(nn.Module):
         coords = jnp.clip(coords, 0, np.array([sh - 1, sw - 1], shift.dtype))
         self.sow("intermediates", "coords", coords)
 
-        sampled = ops.nd_linear_sample(
-            kernel.reshape(sh, sw, -1), coords.reshape(-1, 2), implementation=self.implementation
+        # vmapped over the batch (one shared table) rather than one call on N*Kh*Kw points,
+        # so that a batch split over devices stays split.
+        sampled = jax.vmap(
+            partial(ops.nd_linear_sample, implementation=self.implementation), in_axes=(None, 0)
+        )(kernel.reshape(sh, sw, -1), coords.reshape(coords.shape[0], -1, 2))
+        batch = ops._batch_spec(sampled)  # named, as JAX cannot infer it on an Explicit mesh
+        kernels = sampled.reshape(
+            sampled.shape[0],
+            kh,
+            kw,
+            channels // groups,
+            self.features,
+            out_sharding=None if batch is None else P(batch, None, None, None, None),
         )
-        kernels = sampled.reshape(-1, kh, kw, channels // groups, self.features)
         y = _per_sample_conv(x, kernels, geo, groups, self.precision)
         return y if bias is None else y + bias
 
