@@ -288,10 +288,28 @@ def _lower_jnp(fun, ctx, aval_in, aval_out, operand):
     return out
 
 
-def _batch_partitioned_call(ctx, target: str, args, n: int, **attributes):
+def _may_be_split(ctx) -> bool:
+    """Whether XLA may split this call over devices: in a program over several devices, outside
+    a shard_map body that is manual over every axis of size > 1. A one-device program or such a
+    body calls the target as it is: a shared weight stays shared (no per-sample copies, and
+    one device's accumulation order, bit for bit)."""
+    axis_context = ctx.module_context.axis_context
+    mesh = getattr(axis_context, "mesh", None)
+    if mesh is not None:  # inside shard_map: only the axes left automatic can split the call
+        manual = getattr(axis_context, "manual_axes", frozenset())
+        return any(size > 1 for name, size in mesh.shape.items() if name not in manual)
+    return getattr(axis_context, "num_devices", 2) != 1
+
+
+def _batch_partitioned_call(ctx, target: str, args, n: int, *, shares: bool, **attributes):
     """The custom call `target` with every operand and the result carrying the batch axis n:
-    an operand with leading axis 1 (a shared weight) is broadcast to n, and a result with
-    leading axis 1 (a shared weight's gradient) is computed per sample and summed in float32."""
+    an operand with leading axis 1 (a shared weight or table) is broadcast to n, and a result
+    with leading axis 1 (its gradient) is computed per sample and summed in float32; the call
+    is marked batch-partitionable where it may be split (`_may_be_split`). A target that
+    `shares` (takes a leading axis of 1 itself) is called as it is where it cannot be split."""
+    split = _may_be_split(ctx)
+    if shares and not split:
+        return jax.ffi.ffi_lowering(target)(ctx, *args, **attributes)
     avals_in, operands = [], []
     for aval, op in zip(ctx.avals_in, args, strict=True):
         if aval.shape[0] != n:
@@ -302,9 +320,8 @@ def _batch_partitioned_call(ctx, target: str, args, n: int, **attributes):
         operands.append(op)
     (out,) = ctx.avals_out
     full = out if out.shape[0] == n else out.update(shape=(n, *out.shape[1:]))
-    rule = jax.ffi.ffi_lowering(
-        target, extra_attributes=_batch_partitionable_attributes(avals_in, [full])
-    )
+    extra = _batch_partitionable_attributes(avals_in, [full]) if split else None
+    rule = jax.ffi.ffi_lowering(target, extra_attributes=extra)
     (result,) = rule(ctx.replace(avals_in=avals_in, avals_out=[full]), *operands, **attributes)
     if full is not out:
         result = _lower_jnp(
@@ -324,6 +341,7 @@ def _dk_lowering(family, mode, ctx, *args, deformable, geometry, **_):
         family.target(mode, deformable),
         args,
         n,
+        shares=family is DK,  # the depthwise targets take a shared (1, Sh, Sw, C) weight
         geometry=np.asarray(geometry, dtype=np.int64),
     )
 
@@ -507,7 +525,7 @@ def _nd_out_aval(mode, *args, data_shape=None):
 
 def _nd_lowering(mode, ctx, *args, **_):
     n = ctx.avals_in[ND_ROLES[mode].index("coord")].shape[0]
-    return _batch_partitioned_call(ctx, f"dk_nd_{mode}", args, n)
+    return _batch_partitioned_call(ctx, f"dk_nd_{mode}", args, n, shares=False)
 
 
 def _nd_jvp(mode, primals, tangents, **params):
