@@ -39,12 +39,13 @@ nd_linear_sample: data (Nb, *S, C), coord (Nb, M, D).
 Parallelism. Under `jax.shard_map` (check_vma=True) each output is typed as varying over the
 union of its operands' varying manual axes, and `bind` first casts every operand to that union
 with `jax.lax.pcast`; JAX's transpose of that cast is what sums a replicated weight's gradient
-over devices. Under `jax.jit` every custom call is batch-partitionable along its leading axis
-(N, or Nb): XLA runs it on each device's slice of a batch-sharded input. For that the lowering
-gives every operand and result that axis: a shared (1, Sh, Sw, C) weight is broadcast to
-(N, Sh, Sw, C), and a shared weight's gradient is computed per sample and summed (an
+over devices. Under `jax.jit` over several devices every custom call is batch-partitionable
+along its leading axis (N, or Nb): XLA runs it on each device's slice of a batch-sharded input.
+For that the lowering gives every operand and result that axis: a shared (1, Sh, Sw, C) weight
+(or nd table) is broadcast to (N, ...), and its gradient is computed per sample and summed (an
 all-reduce of a weight-sized array when the batch is split). Any other sharded axis (a spatial
-axis, a sharded weight) is gathered before the call.
+axis, a sharded weight) is gathered before the call. A one-device program, or a shard_map body
+manual over every axis, calls the depthwise targets with the shared weight as it is.
 """
 
 from __future__ import annotations
