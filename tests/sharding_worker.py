@@ -296,7 +296,7 @@ def check_bad_input(mesh):
             attempt()
             out[name] = None
         except Exception as e:  # noqa: BLE001
-            out[name] = [type(e).__name__, str(e).splitlines()[0][:300]]
+            out[name] = [isinstance(e, ValueError), str(e).splitlines()[0][:300]]
     return out
 
 
