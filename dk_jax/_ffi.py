@@ -14,6 +14,7 @@ import jax
 _MODULES = {"cpu": "_dk_cpu", "cuda": "_dk_cuda"}
 _registered: dict[str, bool] = {}
 _errors: dict[str, str] = {}
+_batch_partitionable: set[str] = set()
 
 
 def _register(platform: str) -> bool:
@@ -29,6 +30,11 @@ def _register(platform: str) -> bool:
         jax.ffi.register_ffi_target(
             name, capsule, platform="CUDA" if platform == "cuda" else platform
         )
+        if name not in _batch_partitionable:
+            # Every handler maps sample n of each operand to sample n of its result, so XLA
+            # may run it on each device's slice of a batch-sharded input.
+            jax.ffi.register_ffi_target_as_batch_partitionable(name)
+            _batch_partitionable.add(name)
     _registered[platform] = True
     return True
 

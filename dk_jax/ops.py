@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from dk_jax import _checks, _ffi, reference
 from dk_jax import primitives as prims
@@ -331,27 +332,44 @@ def _conv_groups(x, kernel, feature_group_count):
     return groups
 
 
+def _batch_spec(a):
+    """The mesh axes a's leading (batch) axis is split over on an Explicit mesh, else None."""
+    spec = jax.typeof(a).sharding.spec
+    return spec[0] if len(spec) else None
+
+
 def _cols_matmul(cols, kernel, groups):
     """y[n,i,j,f] = sum over the scope and the group's channels of cols * kernel.
 
     One (N*Ho*Wo, Sh*Sw*C) x (Sh*Sw*C, F) matmul for a full convolution; for groups, a matmul
     batched over the group with the group axis moved first (XLA's CPU dot is several times
-    slower with the batch axis inside the operands)."""
+    slower with the batch axis inside the operands). The reshapes that merge the batch axis
+    N into the rows name its sharding: on an Explicit mesh with N split over devices, the rows
+    are split the same way (without it JAX cannot infer the merged axis' sharding)."""
     n, ho, wo, sh, sw, c = cols.shape
     f, m, s = kernel.shape[-1], n * ho * wo, sh * sw
+    batch = _batch_spec(cols)
+
+    def sharded(*spec):
+        return None if batch is None else P(*spec)
+
     if groups == 1:
         y = lax.dot_general(
-            cols.reshape(m, s * c),
+            cols.reshape(m, s * c, out_sharding=sharded(batch, None)),
             kernel.reshape(s * c, f),
             (((1,), (0,)), ((), ())),
             preferred_element_type=jnp.float32,
         )
-        return y.reshape(n, ho, wo, f).astype(cols.dtype)
+        return y.reshape(n, ho, wo, f, out_sharding=sharded(batch, None, None, None)).astype(
+            cols.dtype
+        )
     cg, fg = c // groups, f // groups
-    a = cols.reshape(m, s, groups, cg).transpose(2, 0, 1, 3).reshape(groups, m, s * cg)
+    a = cols.reshape(m, s, groups, cg, out_sharding=sharded(batch, None, None, None))
+    a = a.transpose(2, 0, 1, 3).reshape(groups, m, s * cg)
     b = kernel.reshape(s, cg, groups, fg).transpose(2, 0, 1, 3).reshape(groups, s * cg, fg)
     y = lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
-    return y.transpose(1, 0, 2).reshape(n, ho, wo, f).astype(cols.dtype)
+    y = y.transpose(1, 0, 2).reshape(n, ho, wo, f, out_sharding=sharded(batch, None, None, None))
+    return y.astype(cols.dtype)
 
 
 def sample_conv(

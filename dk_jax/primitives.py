@@ -35,6 +35,17 @@ nd_linear_sample: data (Nb, *S, C), coord (Nb, M, D).
     nd_grad_data   (cot, coord)             -> gdata    (Nb, *S, C)
     nd_jvp_coord   (data, coord, tangent)   -> dout
     nd_grad_coord  (cot, data, coord)       -> gcoord   (Nb, M, D)
+
+Parallelism. Under `jax.shard_map` (check_vma=True) each output is typed as varying over the
+union of its operands' varying manual axes, and `bind` first casts every operand to that union
+with `jax.lax.pcast`; JAX's transpose of that cast is what sums a replicated weight's gradient
+over devices. Under `jax.jit` over several devices every custom call is batch-partitionable
+along its leading axis (N, or Nb): XLA runs it on each device's slice of a batch-sharded input.
+For that the lowering gives every operand and result that axis: a shared (1, Sh, Sw, C) weight
+(or nd table) is broadcast to (N, ...), and its gradient is computed per sample and summed (an
+all-reduce of a weight-sized array when the batch is split). Any other sharded axis (a spatial
+axis, a sharded weight) is gathered before the call. A one-device program, or a shard_map body
+manual over every axis, calls the depthwise targets with the shared weight as it is.
 """
 
 from __future__ import annotations
@@ -46,7 +57,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Primitive
+from jax.extend.mlir import ir
+from jax.extend.mlir.dialects import sdy
 from jax.interpreters import ad, batching, mlir, xla
+from jax.sharding import ManualAxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dk_jax import _ffi
 
@@ -160,9 +175,26 @@ dk_p = _prims["dk"]
 cols_p = _prims["cols"]
 
 
+def _varying(aval) -> frozenset:
+    """The mesh axes over which a value varies inside shard_map (empty elsewhere)."""
+    mat = getattr(aval, "manual_axis_type", None)
+    return frozenset() if mat is None else mat.varying
+
+
+def _cast_to_common_varying(args):
+    """Casts every operand to the union of the operands' varying manual axes, as JAX's own
+    multi-operand primitives do; the transpose of the cast sums cotangents over devices."""
+    vmas = [_varying(jax.typeof(a)) for a in args]
+    common = frozenset().union(*vmas)
+    return [
+        a if v == common else jax.lax.pcast(a, tuple(common - v), to="varying")
+        for a, v in zip(args, vmas, strict=True)
+    ]
+
+
 def _bind(family: _Family, mode: str, *, deformable: bool, geometry, **operands):
     params = {k: operands.pop(k) for k in ("image_shape", "weight_shape") if k in operands}
-    args = [operands[r] for r in _roles(family, mode, deformable)]
+    args = _cast_to_common_varying([operands[r] for r in _roles(family, mode, deformable)])
     return _prims[family.name][mode].bind(
         *args, deformable=deformable, geometry=tuple(geometry), **params
     )
@@ -179,6 +211,25 @@ def cols_bind(mode: str, *, deformable: bool, geometry: tuple[int, ...], **opera
 
 
 # --- abstract evaluation -------------------------------------------------------------------
+
+
+def _result_aval(shape, dtype, operands, batched: bool = True):
+    """The output's ShapedArray: varying over the operands' varying axes, and (under a mesh)
+    sharded along its leading axis like the operands' leading axis when `batched`, else
+    replicated (a shared weight's gradient)."""
+    mesh = next((a.sharding.mesh for a in operands if not a.sharding.mesh.empty), None)
+    if mesh is None:
+        return jax.core.ShapedArray(shape, dtype)
+    batch = None
+    if batched:
+        specs = [a.sharding.spec for a in operands if a.ndim and a.shape[0] == shape[0]]
+        batch = next((s[0] for s in specs if len(s) and s[0] is not None), None)
+    return jax.core.ShapedArray(
+        shape,
+        dtype,
+        sharding=NamedSharding(mesh, P(batch, *[None] * (len(shape) - 1))),
+        manual_axis_type=ManualAxisType(varying=frozenset().union(*map(_varying, operands))),
+    )
 
 
 def _out_aval(family, mode, *args, deformable, geometry, image_shape=None, weight_shape=None):
@@ -198,15 +249,102 @@ def _out_aval(family, mode, *args, deformable, geometry, image_shape=None, weigh
         shape = rot.shape
     else:  # grad_offset
         shape = a["offset"].shape
-    return jax.core.ShapedArray(shape, rot.dtype)
+    batched = mode != "grad_weight" or shape[0] == n
+    return _result_aval(shape, rot.dtype, args, batched)
 
 
 # --- lowering ------------------------------------------------------------------------------
 
 
+def _batch_partitionable_attributes(avals_in, avals_out) -> dict:
+    """Marks a custom call as split along the leading axis of every operand and result.
+
+    `num_batch_dims` is read by XLA's partitioner of batch-partitionable targets; the Shardy
+    rule tells sharding propagation the same (one factor for the leading axis of all, every
+    other axis a factor of its own that must be replicated)."""
+    sizes, mappings = [avals_in[0].shape[0]], []
+    for aval in (*avals_in, *avals_out):
+        dims = [sdy.DimMappingAttr.get(factor_indices=[0])]
+        for d in aval.shape[1:]:
+            dims.append(sdy.DimMappingAttr.get(factor_indices=[len(sizes)]))
+            sizes.append(d)
+        mappings.append(sdy.TensorMappingAttr.get(dim_mappings=dims))
+    rule = sdy.OpShardingRuleAttr.get(
+        factor_sizes=sizes,
+        operand_mappings=mappings[: len(avals_in)],
+        result_mappings=mappings[len(avals_in) :],
+        is_custom=True,
+        need_replication_factors=list(range(1, len(sizes))),
+    )
+    return {
+        "mhlo.frontend_attributes": ir.DictAttr.get({"num_batch_dims": ir.StringAttr.get("1")}),
+        "sdy.sharding_rule": rule,
+    }
+
+
+def _lower_jnp(fun, ctx, aval_in, aval_out, operand):
+    (out,) = mlir.lower_fun(fun, multiple_results=False)(
+        ctx.replace(avals_in=[aval_in], avals_out=[aval_out]), operand
+    )
+    return out
+
+
+def _may_be_split(ctx) -> bool:
+    """Whether XLA may split this call over devices: in a program over several devices, outside
+    a shard_map body that is manual over every axis of size > 1. A one-device program or such a
+    body calls the target as it is: a shared weight stays shared (no per-sample copies, and
+    one device's accumulation order, bit for bit)."""
+    axis_context = ctx.module_context.axis_context
+    mesh = getattr(axis_context, "mesh", None)
+    if mesh is not None:  # inside shard_map: only the axes left automatic can split the call
+        manual = getattr(axis_context, "manual_axes", frozenset())
+        return any(size > 1 for name, size in mesh.shape.items() if name not in manual)
+    return getattr(axis_context, "num_devices", 2) != 1
+
+
+def _batch_partitioned_call(ctx, target: str, args, n: int, *, shares: bool, **attributes):
+    """The custom call `target` with every operand and the result carrying the batch axis n:
+    an operand with leading axis 1 (a shared weight or table) is broadcast to n, and a result
+    with leading axis 1 (its gradient) is computed per sample and summed in float32; the call
+    is marked batch-partitionable where it may be split (`_may_be_split`). A target that
+    `shares` (takes a leading axis of 1 itself) is called as it is where it cannot be split."""
+    split = _may_be_split(ctx)
+    if shares and not split:
+        return jax.ffi.ffi_lowering(target)(ctx, *args, **attributes)
+    avals_in, operands = [], []
+    for aval, op in zip(ctx.avals_in, args, strict=True):
+        if aval.shape[0] != n:
+            full = aval.update(shape=(n, *aval.shape[1:]))
+            op = _lower_jnp(partial(jnp.broadcast_to, shape=full.shape), ctx, aval, full, op)
+            aval = full
+        avals_in.append(aval)
+        operands.append(op)
+    (out,) = ctx.avals_out
+    full = out if out.shape[0] == n else out.update(shape=(n, *out.shape[1:]))
+    extra = _batch_partitionable_attributes(avals_in, [full]) if split else None
+    rule = jax.ffi.ffi_lowering(target, extra_attributes=extra)
+    (result,) = rule(ctx.replace(avals_in=avals_in, avals_out=[full]), *operands, **attributes)
+    if full is not out:
+        result = _lower_jnp(
+            lambda g: jnp.sum(g, axis=0, keepdims=True, dtype=jnp.float32).astype(g.dtype),
+            ctx,
+            full,
+            out,
+            result,
+        )
+    return [result]
+
+
 def _dk_lowering(family, mode, ctx, *args, deformable, geometry, **_):
-    rule = jax.ffi.ffi_lowering(family.target(mode, deformable))
-    return rule(ctx, *args, geometry=np.asarray(geometry, dtype=np.int64))
+    n = ctx.avals_in[_roles(family, mode, deformable).index("rotation")].shape[0]
+    return _batch_partitioned_call(
+        ctx,
+        family.target(mode, deformable),
+        args,
+        n,
+        shares=family is DK,  # the depthwise targets take a shared (1, Sh, Sw, C) weight
+        geometry=np.asarray(geometry, dtype=np.int64),
+    )
 
 
 def _register_lowerings(prims, lowering):
@@ -261,6 +399,16 @@ def _dk_jvp(family, mode, primals, tangents, *, deformable, geometry, **params):
 # --- transpose -----------------------------------------------------------------------------
 
 
+def _with_sharding_of(aval, ct):
+    """The cotangent resharded like its primal where they differ: only on an Explicit mesh,
+    where a replicated operand broadcast along a sharded batch (vmap of a shared table) has a
+    replicated primal but a batch-sharded cotangent."""
+    want = aval.sharding.spec
+    if aval.sharding.mesh.empty or jax.typeof(ct).sharding.spec == want:
+        return ct
+    return jax.sharding.reshard(ct, want)
+
+
 def _dk_transpose(family, mode, ct, *args, deformable, geometry, **params):
     roles = _roles(family, mode, deformable)
     undefined = [r for r, a in zip(roles, args, strict=True) if ad.is_undefined_primal(a)]
@@ -282,7 +430,9 @@ def _dk_transpose(family, mode, ct, *args, deformable, geometry, **params):
         ops[ct_role] = jnp.asarray(ct)
         if shape_param is not None:
             ops[shape_param] = aval.shape
-        result = _bind(family, target, deformable=deformable, geometry=geometry, **ops)
+        result = _with_sharding_of(
+            aval, _bind(family, target, deformable=deformable, geometry=geometry, **ops)
+        )
     return [result if i == index else None for i in range(len(roles))]
 
 
@@ -357,7 +507,9 @@ nd_p = {mode: _new_primitive(f"dk_nd_{mode}") for mode in ND_ROLES}
 
 def nd_bind(mode: str, **operands):
     params = {k: operands.pop(k) for k in ("data_shape",) if k in operands}
-    return nd_p[mode].bind(*[operands[r] for r in ND_ROLES[mode]], **params)
+    return nd_p[mode].bind(
+        *_cast_to_common_varying([operands[r] for r in ND_ROLES[mode]]), **params
+    )
 
 
 def _nd_out_aval(mode, *args, data_shape=None):
@@ -369,11 +521,12 @@ def _nd_out_aval(mode, *args, data_shape=None):
         shape = tuple(data_shape)
     else:
         shape = coord.shape
-    return jax.core.ShapedArray(shape, coord.dtype)
+    return _result_aval(shape, coord.dtype, args)
 
 
 def _nd_lowering(mode, ctx, *args, **_):
-    return jax.ffi.ffi_lowering(f"dk_nd_{mode}")(ctx, *args)
+    n = ctx.avals_in[ND_ROLES[mode].index("coord")].shape[0]
+    return _batch_partitioned_call(ctx, f"dk_nd_{mode}", args, n, shares=False)
 
 
 def _nd_jvp(mode, primals, tangents, **params):
@@ -415,15 +568,26 @@ def _nd_transpose(mode, ct, *args, **params):
         result = nd_bind("jvp_coord", data=g["data"], coord=g["coord"], tangent=ct)
     else:
         raise NotImplementedError(f"dk_jax: dk_nd_{mode} cannot be transposed in {role}")
+    if not _is_zero(ct):
+        result = _with_sharding_of(aval, result)
     return [result if i == index else None for i in range(len(roles))]
 
 
 def _nd_batch(mode, args, dims, **params):
     roles = ND_ROLES[mode]
     size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
-    named = {r: _fold(a, d, size) for r, a, d in zip(roles, args, dims, strict=True)}
+    # An unbatched table of one (Nb = 1) stays shared: the lowering hands it to every sample.
+    shared = {
+        r: a
+        for r, a, d in zip(roles, args, dims, strict=True)
+        if r == "data" and d is None and a.shape[0] == 1
+    }
+    named = {
+        r: _fold(a, d, size) for r, a, d in zip(roles, args, dims, strict=True) if r not in shared
+    }
     nb = named["coord"].shape[1]
     named = {r: a.reshape(size * nb, *a.shape[2:]) for r, a in named.items()}
+    named.update(shared)
     out_params = dict(params)
     if mode == "grad_data":
         out_params["data_shape"] = (size * nb, *params["data_shape"][1:])

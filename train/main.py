@@ -5,8 +5,9 @@
 
 `--config` takes a file or the name of a bundled config (digits_deformed, imagenet_resnet50dw,
 imagenet_mobilenetv2). Restarting the same command resumes from the run's last checkpoint.
-With several hosts, JAX's usual environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
-JAX_PROCESS_ID, or a SLURM / Open MPI launch) makes every process join one run.
+With several processes (hosts), set JAX_COORDINATOR_ADDRESS (host:port of process 0),
+JAX_NUM_PROCESSES and JAX_PROCESS_ID in each, or launch under SLURM / Open MPI and JAX detects
+them; every process then joins one run over all their devices.
 """
 
 from __future__ import annotations
@@ -19,19 +20,47 @@ import sys
 from train.config import ConfigError, TrainingError, load_config
 from train.images import DatasetError
 
-MULTI_HOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def distributed_args(env=os.environ) -> dict | None:
+    """jax.distributed.initialize's arguments from the environment: {} to let JAX detect a
+    SLURM or Open MPI launch, None for a single process. Raises ConfigError naming a missing
+    or malformed variable when only some of PROCESS_ENV are set."""
+    given = {k: env[k] for k in PROCESS_ENV if env.get(k)}
+    if not given:
+        many = any(
+            (env.get(k) or "1").isdigit() and int(env.get(k) or 1) > 1
+            for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+        )
+        return {} if many else None
+    missing = [k for k in PROCESS_ENV if k not in given]
+    if missing:
+        raise ConfigError(
+            f"multi-process launch: {', '.join(missing)} not set "
+            f"(set all of {', '.join(PROCESS_ENV)}, or none)"
+        )
+    numbers = {}
+    for k in PROCESS_ENV[1:]:
+        if not given[k].isdigit():
+            raise ConfigError(f"{k} must be a non-negative integer, got {given[k]!r}")
+        numbers[k] = int(given[k])
+    n, i = numbers["JAX_NUM_PROCESSES"], numbers["JAX_PROCESS_ID"]
+    if n < 1 or i >= n:
+        raise ConfigError(f"JAX_PROCESS_ID={i} must be in [0, JAX_NUM_PROCESSES={n})")
+    address = given["JAX_COORDINATOR_ADDRESS"]
+    if ":" not in address:
+        raise ConfigError(f"JAX_COORDINATOR_ADDRESS must be host:port, got {address!r}")
+    return {"coordinator_address": address, "num_processes": n, "process_id": i}
 
 
 def maybe_initialize_distributed() -> None:
-    """jax.distributed.initialize() when launched as one of several processes."""
-    many = any(
-        int(os.environ.get(k, "1") or 1) > 1
-        for k in ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
-    )
-    if many or any(os.environ.get(k) for k in MULTI_HOST_ENV):
+    """jax.distributed.initialize(...) when launched as one of several processes."""
+    kwargs = distributed_args()
+    if kwargs is not None:
         import jax
 
-        jax.distributed.initialize()
+        jax.distributed.initialize(**kwargs)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -2,11 +2,12 @@
 
 After flax's examples/imagenet/train.py, with jax.sharding instead of pmap. The devices form
 a 1-D `Mesh` with axis "data"; a global batch is split over it, the TrainState is replicated.
-Both steps run under `jax.shard_map`, so each device applies the model to its own shard: the
-deformable-kernel custom calls see per-device arrays and XLA never gathers activations around
-them. Inside, gradients and metrics are averaged with `pmean` over "data", and BatchNorm
-averages its statistics over the same axis (so results do not depend on the device count
-beyond float rounding).
+Both steps run under `jax.shard_map` (with JAX's default `check_vma=True`), so each device
+applies the model to its own shard: the deformable-kernel custom calls see per-device arrays
+and XLA never gathers activations around them. The step differentiates the loss averaged over
+"data" with `pmean`; JAX sums the replicated parameters' gradients over devices itself. Metrics
+are averaged the same way, and BatchNorm averages its statistics over the same axis (so results
+do not depend on the device count beyond float rounding).
 
 A run is a pure function of (config, seed): the data order depends on (seed, epoch) only,
 dropout keys on (seed, step, device), and the state is checkpointed as a whole, so a run
@@ -172,21 +173,21 @@ def train_step(
             mutable=["batch_stats"],
             rngs={"dropout": dropout_rng},
         )
-        loss = jnp.mean(cross_entropy(logits, labels, label_smoothing))
+        # Every shard has the same size, so the mean over devices of the shard losses is the
+        # global mean loss; its gradient with respect to the replicated (device-invariant)
+        # params is already summed over devices by JAX (check_vma=True), so no pmean follows.
+        loss = jax.lax.pmean(jnp.mean(cross_entropy(logits, labels, label_smoothing)), AXIS)
         return loss, (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    # Every shard has the same size, so the mean of the shard gradients is the gradient of the
-    # global mean loss.
-    grads = jax.lax.pmean(grads, AXIS)
     metrics = jax.lax.pmean(
         {
-            "train_loss": loss,
             "train_top1": jnp.mean(correct_top_k(logits, labels, 1)),
             "train_top5": jnp.mean(correct_top_k(logits, labels, 5)),
         },
         AXIS,
     )
+    metrics["train_loss"] = loss
     metrics["learning_rate"] = learning_rate_fn(state.step)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     return state, metrics
@@ -211,8 +212,8 @@ def eval_step(state: TrainState, batch: dict, *, mean, std) -> dict:
 
 def compile_steps(mesh: Mesh, learning_rate_fn, config: Config):
     """jit(shard_map(step)) for training and evaluation: state replicated, batch split over
-    "data". check_vma is off because the dk_jax primitives do not track which values vary
-    across devices (with it on, their gradients would be wrong under shard_map)."""
+    "data" (JAX's default check_vma=True: JAX tracks which values vary across devices, the
+    dk_jax primitives included, so a replicated value's gradient is summed over devices)."""
     data = config.data
     p_train = jax.jit(
         jax.shard_map(
@@ -226,7 +227,6 @@ def compile_steps(mesh: Mesh, learning_rate_fn, config: Config):
             mesh=mesh,
             in_specs=(P(), P(AXIS)),
             out_specs=(P(), P()),
-            check_vma=False,
         ),
         donate_argnums=0,
     )
@@ -236,7 +236,6 @@ def compile_steps(mesh: Mesh, learning_rate_fn, config: Config):
             mesh=mesh,
             in_specs=(P(), P(AXIS)),
             out_specs=P(),
-            check_vma=False,
         )
     )
     return p_train, p_eval

@@ -3,12 +3,15 @@ positions the layer predicts, once per sample (global) or at every output locati
 and DK + DCN, which moves the image taps as well)."""
 
 from dataclasses import KW_ONLY
+from functools import partial
 from typing import ClassVar
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.linen.dtypes import promote_dtype
 from flax.typing import Array
+from jax.sharding import PartitionSpec as P
 
 from dk_jax import ops
 from dk_jax.modules import _maths as m
@@ -75,10 +78,19 @@ class GlobalDeformKernel2dBody(OpsFields, PrecisionFields):
         coords = jnp.clip(coords, 0, np.array([sh - 1, sw - 1], shift.dtype))
         sow("coords", coords)
 
-        sampled = ops.nd_linear_sample(
-            kernel.reshape(sh, sw, -1), coords.reshape(-1, 2), implementation=self.implementation
+        # vmapped over the batch with one shared table, rather than one call on N*Kh*Kw
+        # points, so that a batch split over devices stays split.
+        sampled = jax.vmap(
+            partial(ops.nd_linear_sample, implementation=self.implementation), in_axes=(None, 0)
+        )(kernel.reshape(sh, sw, -1), coords.reshape(coords.shape[0], -1, 2))
+        batch = ops._batch_spec(sampled)  # named: JAX cannot infer it on an Explicit mesh
+        kernels = sampled.reshape(
+            sampled.shape[0],
+            kh,
+            kw,
+            *kernel.shape[2:],
+            out_sharding=None if batch is None else P(batch, None, None, None, None),
         )
-        kernels = sampled.reshape(-1, kh, kw, *kernel.shape[2:])
         y = m.per_sample_conv(x, kernels, geo, self.feature_group_count, self.precision)
         return m.add_bias(y, bias)
 
