@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check, in one go (about 5 minutes on an H100): build with CUDA, run the GPU tests,
-# compute-sanitizer memcheck on a small case, the operator benchmark, and the ops test suite on
-# the GPU. Everything lands in $OUT (or ./gpu-results): log.txt, results.json, ops_gpu.json.
-# Works offline: the build uses the preinstalled scikit-build-core/pybind11/cmake/ninja.
+# The GPU check, in one go (budgeted at under 6 minutes on an H100/H200): build with CUDA, run
+# the GPU tests with the default (v1) kernels and again with DK_JAX_CUDA_KERNELS=v2, time the
+# two generations of kernels in one process (benchmarks/cuda_kernels.py), then
+# compute-sanitizer memcheck on a small case with each. Everything lands in $OUT (or
+# ./gpu-results): log.txt, results.json (exit status and seconds per step), cuda_kernels.json.
+# GPU_CHECK_FULL=1 adds the full operator benchmark and the ops suite on the GPU (about 4 more
+# minutes). Works offline: the build uses the preinstalled scikit-build-core/pybind11/cmake/ninja.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu-results}
@@ -24,12 +27,22 @@ step() {  # step NAME TIMEOUT CMD...: run, log, remember the exit status
 nvidia-smi 2>&1 | tee -a "$LOG" | head -15
 step build 200 env DK_JAX_CUDA=ON CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=${DK_CUDA_ARCHS:-90}" \
   "$PY" -m pip install --no-build-isolation --no-deps -q -e .
-step gpu_tests 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
-step memcheck 120 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 \
-  "$PY" scripts/gpu_small_case.py
-step bench 150 "$PY" -m benchmarks.ops --repeats 10 --json "$OUT/ops_gpu.json"
-step ops_tests_on_gpu 100 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_ops.py \
-  -k "not bad_input and not check_grads"
+# The kernel-generation tests set the variable themselves (both values); the rest of the file
+# runs once per generation.
+step gpu_tests_v1 150 env -u DK_JAX_CUDA_KERNELS \
+  "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+step gpu_tests_v2 100 env DK_JAX_CUDA_KERNELS=v2 \
+  "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -k "not kernels"
+step bench_kernels 180 "$PY" -m benchmarks.cuda_kernels --json "$OUT/cuda_kernels.json"
+for v in v2 v1; do
+  step "memcheck_$v" 75 env DK_JAX_CUDA_KERNELS=$v compute-sanitizer --tool memcheck \
+    --leak-check no --error-exitcode 3 "$PY" scripts/gpu_small_case.py
+done
+if [[ "${GPU_CHECK_FULL:-0}" == 1 ]]; then
+  step bench 150 "$PY" -m benchmarks.ops --repeats 10 --json "$OUT/ops_gpu.json"
+  step ops_tests_on_gpu 100 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_ops.py \
+    -k "not bad_input and not check_grads"
+fi
 
 {
   echo "{"
