@@ -317,6 +317,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
+// The launches (nvcc only: scripts/cuda_v2_host_check.cc runs the kernels above on the CPU,
+// one std::thread per CUDA thread, to check their indexing without a GPU).
+#if defined(__CUDACC__)
 // Blocks per sample: enough blocks to fill the device a few times over, each sweeping its
 // sample's locations with a stride, so the kernel staging is amortised over many locations.
 inline unsigned blocks_per_sample(int64_t items, int64_t N) {
@@ -383,6 +386,8 @@ bool try_launch(cudaStream_t stream, const Problem& p, const Operands<T>& A) {
     }
   }
 }
+
+#endif  // __CUDACC__
 
 }  // namespace v2
 }  // namespace dk
