@@ -200,10 +200,13 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, nargs="+", default=[8, 64])
+    parser.add_argument(
+        "--any-backend", action="store_true", help="run without a GPU (a dry run of the script)"
+    )
     args = parser.parse_args(argv)
-    if jax.default_backend() != "gpu":
+    if jax.default_backend() != "gpu" and not args.any_backend:
         raise SystemExit("benchmarks.cuda_kernels needs a GPU")
-    use_torch = torch is not None and torch.cuda.is_available()
+    use_torch = torch is not None and torch.cuda.is_available() and jax.default_backend() == "gpu"
     env = environment()
     env["gpu"] = jax.devices()[0].device_kind
     results = dict(environment=env, shape=dict(hw=HW, c=C, k=K, scope=SCOPE), runs={})
