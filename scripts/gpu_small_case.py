@@ -50,6 +50,10 @@ for limit in (None, "64"):
         def loss(x, rot=rot, w=w, geo=geo):
             return dk_jax.sample_depthwise(x, rot, w, **geo).astype(jnp.float32).sum()
 
-        ys.append(jax.grad(loss)(x))
+        def loss_deform(x, off=off, rot=rot, w=w, geo=geo):
+            y = dk_jax.deform_sample_depthwise(x, off, rot, w, **geo)
+            return y.astype(jnp.float32).sum()
+
+        ys += [jax.grad(loss)(x), jax.grad(loss_deform)(x)]
         jax.block_until_ready(ys)
         print(dtype.__name__, "C=16 G=4 stride 2", "index64" if limit else "index32", "ok")

@@ -178,6 +178,14 @@ MUTANTS = [
         "return i < out_size ? i : -1;",
         ("tests/test_cuda_host.py",),
     ),
+    Mutant(
+        "v2-scatter-corner-weight",
+        "the v2 DK+DCN image gradient gives every bilinear corner the full tap value",
+        CUDA_V2,
+        "scatter_add<V>(gx_n + im.off[k] + c, im.w[k], d);",
+        "scatter_add<V>(gx_n + im.off[k] + c, 1.f, d);",
+        ("tests/test_cuda_host.py",),
+    ),
 ]
 
 

@@ -204,7 +204,7 @@ def test_cuda_derivatives_match_cpu_and_reference(case, name):
 
 
 # Both generations of CUDA kernels (DK_JAX_CUDA_KERNELS, read by the handlers on every call):
-# the forward of both ops and the local image gradient, against the CPU custom calls and the
+# the forward and the image gradient of both ops, against the CPU custom calls and the
 # reference. The cases cover the vector (C a multiple of 16 bytes) and scalar channel paths,
 # several rotation groups, stride 2, 16-bit types and the 64-bit index path (its threshold
 # lowered so that a small image crosses it).

@@ -396,7 +396,10 @@ ffi::Error dk_launch(cudaStream_t stream, ffi::ScratchAllocator& scratch, const 
       }
     }
     const size_t tile_bytes = size_t(kLocs * taps * (1 + p.G)) * sizeof(CompactFootprint);
-    if (locations > 0 && M == Mode::kForward && tile_bytes <= kMaxTableBytes) {
+    if (locations > 0 && M == Mode::kGradImage && kDeform && v2::requested() &&
+        v2::try_launch_deform_grad_image(stream, p, A, grad_image)) {
+      // The opt-in v2 scatter (dk_cuda_v2.cuh) ran.
+    } else if (locations > 0 && M == Mode::kForward && tile_bytes <= kMaxTableBytes) {
       forward_tile_kernel<kDeform, T><<<unsigned(ceil_div(locations, kLocs)), dim3(32, kLocs),
                                         tile_bytes, stream>>>(p, A, zero_row);
     } else if (locations > 0) {

@@ -1,5 +1,5 @@
 // Second-generation CUDA kernels (opt-in: DK_JAX_CUDA_KERNELS=v2, read on every call) for the
-// depthwise forward (local and deformable) and the local image gradient. The numbers still come
+// depthwise forward (local and deformable) and the image gradients. The numbers still come
 // from dk_math.h; what changes is who computes what, so that the per-channel loop is a few loads
 // and multiply-adds:
 //  - a warp owns one location (forward) or one input pixel (image gradient), its lanes own
@@ -14,7 +14,9 @@
 //    DK_JAX_CUDA_INDEX32_LIMIT so that tests exercise that path on small shapes);
 //  - the local image gradient is a gather: input pixel (h, w) sums, for every tap, the one
 //    output location whose tap reads it (if any). No atomics, no memset, no float32 scratch:
-//    deterministic, and bf16/f16 results are written directly.
+//    deterministic, and bf16/f16 results are written directly;
+//  - the DK+DCN image gradient stays a float32 scatter (as in v1) in the same structure, with
+//    16-byte vector atomics on sm_90.
 // Problems these kernels do not cover (a scope kernel too large for shared memory, N beyond a
 // grid dimension) return false and the caller runs the v1 kernels.
 #pragma once
@@ -168,37 +170,76 @@ __device__ __forceinline__ ScopeEntry scope_entry(const Problem& p, const T* rot
   return s;
 }
 
+// Kernel blend of tap `tap` for V channels starting at c: channel c + v uses the entry of its
+// rotation group (c + v) % G (group_base[v] = that group * taps).
+template <int V>
+__device__ __forceinline__ void kernel_blend(const ScopeEntry* scope, const float* staged, int G,
+                                             int tap, int c, const int (&group_base)[V],
+                                             float (&kb)[V]) {
+  if (G == 1) {
+    const ScopeEntry s = scope[tap];
+    float wv[4][V];
+    for (int k = 0; k < 4; ++k) load_staged<V>(staged + s.off[k] + c, wv[k]);
+    for (int v = 0; v < V; ++v) {
+      kb[v] = blend_values<4, float>(s.w, [&](int k) { return wv[k][v]; });
+    }
+  } else {
+    for (int v = 0; v < V; ++v) {
+      const ScopeEntry& s = scope[group_base[v] + tap];
+      kb[v] = blend_values<4, float>(s.w, [&](int k) { return staged[s.off[k] + c + v]; });
+    }
+  }
+}
+
+template <int V>
+__device__ __forceinline__ void group_bases(int c, int G, int taps, int (&group_base)[V]) {
+  for (int v = 0; v < V; ++v) group_base[v] = ((c + v) % G) * taps;
+}
+
 // Sum over the location's (or pixel's) taps of V channels starting at c. `tap_value(tap, xv)`
-// fills xv[NI][V] and the image weights, or returns false when the tap reads nothing. The kernel
-// blend of channel c + v uses the entry of its rotation group (c + v) % G.
+// fills xv[NI][V] and the image weights, or returns false when the tap reads nothing.
 template <int NI, int V, typename TapValue>
 __device__ __forceinline__ void accumulate(const ScopeEntry* scope, const float* staged, int taps,
                                            int G, int c, const TapValue& tap_value,
                                            float (&acc)[V]) {
   for (int v = 0; v < V; ++v) acc[v] = 0.f;
   int group_base[V];
-  for (int v = 0; v < V; ++v) group_base[v] = ((c + v) % G) * taps;
+  group_bases(c, G, taps, group_base);
   for (int tap = 0; tap < taps; ++tap) {
     float xv[NI][V];
     float iw[NI];
     if (!tap_value(tap, xv, iw)) continue;
-    if (G == 1) {
-      const ScopeEntry s = scope[tap];
-      float wv[4][V];
-      for (int k = 0; k < 4; ++k) load_staged<V>(staged + s.off[k] + c, wv[k]);
-      for (int v = 0; v < V; ++v) {
-        const float kb = blend_values<4, float>(s.w, [&](int k) { return wv[k][v]; });
-        const float ib = blend_values<NI, float>(iw, [&](int k) { return xv[k][v]; });
-        acc[v] += tap_product(ib, kb);
+    float kb[V];
+    kernel_blend<V>(scope, staged, G, tap, c, group_base, kb);
+    for (int v = 0; v < V; ++v) {
+      const float ib = blend_values<NI, float>(iw, [&](int k) { return xv[k][v]; });
+      acc[v] += tap_product(ib, kb[v]);
+    }
+  }
+}
+
+// The entries of one location (image taps, then taps * G scope taps), filled by a warp's lanes.
+template <bool kDeform, typename Idx, typename T>
+__device__ __forceinline__ void fill_location(const Problem& p, const Operands<T>& A, int n, int l,
+                                              int lane, ImageEntry<Idx>* image,
+                                              ScopeEntry* scope) {
+  constexpr int NI = kDeform ? 4 : 1;
+  const int taps = int(p.taps()), G = int(p.G), C = int(p.C), Kw = int(p.Kw);
+  const int Wo = int(p.Wo), HoWo = int(p.Ho * p.Wo);
+  const int i = l / Wo, j = l - i * Wo;
+  const int64_t loc = int64_t(n) * HoWo + l;
+  const T* rot = A.rotation + loc * p.G * p.taps() * 2;
+  const T* off = kDeform ? A.offset + loc * p.taps() * 2 : nullptr;
+  for (int e = lane; e < taps * (1 + G); e += 32) {
+    if (e < taps) {
+      const Footprint f = image_footprint<kDeform>(p, off, i, j, e / Kw, e % Kw);
+      for (int k = 0; k < NI; ++k) {
+        image[e].off[k] = f.index[k] >= 0 ? Idx(f.index[k]) * Idx(C) : Idx(-1);
+        image[e].w[k] = f.w[k];
       }
     } else {
-      for (int v = 0; v < V; ++v) {
-        const ScopeEntry& s = scope[group_base[v] + tap];
-        const float kb =
-            blend_values<4, float>(s.w, [&](int k) { return staged[s.off[k] + c + v]; });
-        const float ib = blend_values<NI, float>(iw, [&](int k) { return xv[k][v]; });
-        acc[v] += tap_product(ib, kb);
-      }
+      const int k = e - taps, g = k / taps, tap = k - g * taps;
+      scope[k] = scope_entry(p, rot, tap / Kw, tap % Kw, g);
     }
   }
 }
@@ -211,8 +252,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   constexpr int NI = kDeform ? 4 : 1;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int n = blockIdx.y;
-  const int taps = int(p.taps()), G = int(p.G), C = int(p.C), Kw = int(p.Kw);
-  const int Wo = int(p.Wo), HoWo = int(p.Ho * p.Wo);
+  const int taps = int(p.taps()), G = int(p.G), C = int(p.C);
+  const int HoWo = int(p.Ho * p.Wo);
   unsigned char* base = reinterpret_cast<unsigned char*>(v2_smem);
   float* staged = reinterpret_cast<float*>(base);
   unsigned char* mine = base + L.kernel_bytes + warp * (L.image_bytes + L.scope_bytes);
@@ -223,22 +264,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const T* x_n = A.x + int64_t(n) * p.H * p.W * p.C;
   T* out_n = A.out + int64_t(n) * HoWo * p.C;
   for (int l = blockIdx.x * kWarps + warp; l < HoWo; l += gridDim.x * kWarps) {
-    const int i = l / Wo, j = l - i * Wo;
-    const int64_t loc = int64_t(n) * HoWo + l;
-    const T* rot = A.rotation + loc * p.G * p.taps() * 2;
-    const T* off = kDeform ? A.offset + loc * p.taps() * 2 : nullptr;
-    for (int e = lane; e < taps * (1 + G); e += 32) {
-      if (e < taps) {
-        const Footprint f = image_footprint<kDeform>(p, off, i, j, e / Kw, e % Kw);
-        for (int k = 0; k < NI; ++k) {
-          image[e].off[k] = f.index[k] >= 0 ? Idx(f.index[k]) * Idx(C) : Idx(-1);
-          image[e].w[k] = f.w[k];
-        }
-      } else {
-        const int k = e - taps, g = k / taps, tap = k - g * taps;
-        scope[k] = scope_entry(p, rot, tap / Kw, tap % Kw, g);
-      }
-    }
+    fill_location<kDeform>(p, A, n, l, lane, image, scope);
     __syncwarp();
     for (int c = lane * V; c < C; c += 32 * V) {
       float acc[V];
@@ -317,6 +343,65 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
+// Adds w * d[0..V) to V consecutive floats with atomics: 16-byte vector atomics where the
+// architecture has them (sm_90), one per channel otherwise.
+template <int V>
+__device__ __forceinline__ void scatter_add(float* dst, float w, const float (&d)[V]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (V % 4 == 0) {
+    for (int q = 0; q < V / 4; ++q) {
+      atomicAdd(reinterpret_cast<float4*>(dst) + q,
+                make_float4(w * d[4 * q], w * d[4 * q + 1], w * d[4 * q + 2], w * d[4 * q + 3]));
+    }
+    return;
+  }
+#endif
+  for (int v = 0; v < V; ++v) atomicAdd(dst + v, w * d[v]);
+}
+
+// DK+DCN image gradient: bilinear image taps have no fixed inverse, so this stays a scatter
+// into float32 (gx), but with the forward's structure (a warp per location, entries computed
+// once, staged kernel) and vector atomics. Not deterministic, as in v1.
+//   gx[n, corner k of tap t, c] += w_k * gy[n, i, j, c] * kernel blend of tap t, channel c.
+template <int V, typename Idx, typename T>
+__global__ void __launch_bounds__(kWarps * 32)
+    grad_image_scatter_kernel(Problem p, Operands<T> A, Layout L, float* gx) {
+  extern __shared__ float4 v2_smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n = blockIdx.y;
+  const int taps = int(p.taps()), G = int(p.G), C = int(p.C);
+  const int HoWo = int(p.Ho * p.Wo);
+  unsigned char* base = reinterpret_cast<unsigned char*>(v2_smem);
+  float* staged = reinterpret_cast<float*>(base);
+  unsigned char* mine = base + L.kernel_bytes + warp * (L.image_bytes + L.scope_bytes);
+  ImageEntry<Idx>* image = reinterpret_cast<ImageEntry<Idx>*>(mine);
+  ScopeEntry* scope = reinterpret_cast<ScopeEntry*>(mine + L.image_bytes);
+  stage_kernel(p, A.weight, n, staged);
+  __syncthreads();
+  const T* gy_n = A.cot + int64_t(n) * HoWo * p.C;
+  float* gx_n = gx + int64_t(n) * p.H * p.W * p.C;
+  for (int l = blockIdx.x * kWarps + warp; l < HoWo; l += gridDim.x * kWarps) {
+    fill_location<true>(p, A, n, l, lane, image, scope);
+    __syncwarp();
+    for (int c = lane * V; c < C; c += 32 * V) {
+      float gy[V];
+      load_row<V>(gy_n + Idx(l) * Idx(C) + c, gy);
+      int group_base[V];
+      group_bases(c, G, taps, group_base);
+      for (int tap = 0; tap < taps; ++tap) {
+        float d[V];
+        kernel_blend<V>(scope, staged, G, tap, c, group_base, d);
+        for (int v = 0; v < V; ++v) d[v] = gy[v] * d[v];
+        const ImageEntry<Idx>& im = image[tap];
+        for (int k = 0; k < 4; ++k) {
+          if (im.off[k] >= 0) scatter_add<V>(gx_n + im.off[k] + c, im.w[k], d);
+        }
+      }
+    }
+    __syncwarp();
+  }
+}
+
 // The launches (nvcc only: scripts/cuda_v2_host_check.cc runs the kernels above on the CPU,
 // one std::thread per CUDA thread, to check their indexing without a GPU).
 #if defined(__CUDACC__)
@@ -351,6 +436,33 @@ bool launch_grad_image_as(cudaStream_t stream, const Problem& p, const Operands<
   dim3 grid(blocks_per_sample(p.H * p.W, p.N), unsigned(p.N));
   grad_image_gather_kernel<V, Idx, T><<<grid, kWarps * 32, L.total, stream>>>(p, A, L);
   return true;
+}
+
+template <int V, typename Idx, typename T>
+bool launch_scatter_as(cudaStream_t stream, const Problem& p, const Operands<T>& A, float* gx) {
+  const Layout L = layout<Idx>(p, p.taps());
+  if (L.total > kMaxShared) return false;
+  dim3 grid(blocks_per_sample(p.Ho * p.Wo, p.N), unsigned(p.N));
+  grad_image_scatter_kernel<V, Idx, T><<<grid, kWarps * 32, L.total, stream>>>(p, A, L, gx);
+  return true;
+}
+
+// The DK+DCN image gradient into gx (float32, zeroed by the caller); false: run v1.
+template <typename T>
+bool try_launch_deform_grad_image(cudaStream_t stream, const Problem& p, const Operands<T>& A,
+                                  float* gx) {
+  if (p.N <= 0 || p.N > 65535 || p.C <= 0) return false;
+  if (p.H * p.W >= (int64_t(1) << 31) || p.Ho * p.Wo >= (int64_t(1) << 31)) return false;
+  constexpr int kVec = 16 / int(sizeof(T));
+  auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  const bool vector = p.C % kVec == 0 && aligned(A.cot) && aligned(gx);
+  const int64_t limit = index32_limit();
+  if (p.N * p.H * p.W * p.C >= limit || p.N * p.Ho * p.Wo * p.C >= limit) {
+    return vector ? launch_scatter_as<kVec, int64_t>(stream, p, A, gx)
+                  : launch_scatter_as<1, int64_t>(stream, p, A, gx);
+  }
+  return vector ? launch_scatter_as<kVec, int32_t>(stream, p, A, gx)
+                : launch_scatter_as<1, int32_t>(stream, p, A, gx);
 }
 
 // Runs the v2 kernel for mode M if there is one for this problem; false: run v1.
