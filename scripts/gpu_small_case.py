@@ -1,5 +1,9 @@
 """A small case touching every CUDA handler once (forward, every gradient, JVPs, nd ops, bf16),
-with offsets that leave the image and the scope: the workload for compute-sanitizer."""
+with offsets that leave the image and the scope: the workload for compute-sanitizer. Run it with
+DK_JAX_CUDA_KERNELS=v2 for the second-generation kernels: the last block adds their vector
+channel path (C = 16), four rotation groups, stride 2 and the 64-bit index path."""
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -26,3 +30,30 @@ for dtype in (jnp.float32, jnp.bfloat16):
     outs += jax.jvp(lambda d, c: dk_jax.nd_linear_sample(d, c), (w, coord), (w, coord))
     jax.block_until_ready(outs)
     print(dtype.__name__, "ok", [o.shape for o in outs])
+
+# Vector channel rows (C = 16: four float32 or eight bf16 per 16-byte load), G = 4, stride 2;
+# then again with the 64-bit index path forced.
+for limit in (None, "64"):
+    if limit:
+        os.environ["DK_JAX_CUDA_INDEX32_LIMIT"] = limit
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = jnp.asarray(rng.normal(size=(2, 9, 8, 16)), dtype)
+        w = jnp.asarray(rng.normal(size=(4, 4, 16)), dtype)
+        rot = jnp.asarray(rng.normal(size=(2, 5, 4, 4 * 18)) * 3, dtype)
+        off = jnp.asarray(rng.normal(size=(2, 5, 4, 18)) * 3, dtype)
+        geo = dict(kernel_size=3, padding=1, stride=2, rotation_groups=4)
+        ys = [
+            dk_jax.deform_sample_depthwise(x, off, rot, w, **geo),
+            dk_jax.sample_depthwise(x, rot, w, **geo),
+        ]
+
+        def loss(x, rot=rot, w=w, geo=geo):
+            return dk_jax.sample_depthwise(x, rot, w, **geo).astype(jnp.float32).sum()
+
+        def loss_deform(x, off=off, rot=rot, w=w, geo=geo):
+            y = dk_jax.deform_sample_depthwise(x, off, rot, w, **geo)
+            return y.astype(jnp.float32).sum()
+
+        ys += [jax.grad(loss)(x), jax.grad(loss_deform)(x)]
+        jax.block_until_ready(ys)
+        print(dtype.__name__, "C=16 G=4 stride 2", "index64" if limit else "index32", "ok")

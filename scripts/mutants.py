@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PRIMITIVES = "dk_jax/primitives.py"
 CPU = "xla_ffi/dk_cpu.cc"
+CUDA_V2 = "xla_ffi/dk_cuda_v2.cuh"
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,8 @@ class Mutant:
 
     @property
     def native(self) -> bool:
-        return self.file.startswith("xla_ffi/")
+        # CUDA sources are not part of the CPU library (their host check compiles them itself).
+        return self.file.startswith("xla_ffi/") and not self.file.endswith((".cu", ".cuh"))
 
 
 MUTANTS = [
@@ -158,6 +160,31 @@ MUTANTS = [
         "to_float(tan[r]), to_float(tan[r + 1]));\n            }\n#pragma GCC ivdep",
         "to_float(tan[r]), to_float(tan[r]));\n            }\n#pragma GCC ivdep",
         ("tests/test_grads.py::test_columns_derivatives_match_reference",),
+    ),
+    Mutant(
+        "v2-vector-one-group",
+        "the v2 kernels give a lane's vector of channels the rotation group of its first channel",
+        CUDA_V2,
+        "group_base[v] = ((c + v) % G) * taps;",
+        "group_base[v] = (c % G) * taps;",
+        ("tests/test_cuda_host.py",),
+    ),
+    Mutant(
+        "v2-gather-stride",
+        "the v2 image-gradient gather takes every output whose tap lands near a pixel, ignoring"
+        " the stride",
+        CUDA_V2,
+        "return (i < out_size && image_position(i, a, stride, pad, dil) == h) ? i : -1;",
+        "return i < out_size ? i : -1;",
+        ("tests/test_cuda_host.py",),
+    ),
+    Mutant(
+        "v2-scatter-corner-weight",
+        "the v2 DK+DCN image gradient gives every bilinear corner the full tap value",
+        CUDA_V2,
+        "scatter_add<V>(gx_n + im.off[k] + c, im.w[k], d);",
+        "scatter_add<V>(gx_n + im.off[k] + c, 1.f, d);",
+        ("tests/test_cuda_host.py",),
     ),
 ]
 

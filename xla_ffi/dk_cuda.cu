@@ -16,6 +16,7 @@
 #include <string>
 
 #include "dk_common.h"
+#include "dk_cuda_v2.cuh"
 #include "dk_math.h"
 #include "dk_targets.h"
 
@@ -370,6 +371,8 @@ inline void* scratch_zeros(ffi::ScratchAllocator& scratch, size_t bytes, cudaStr
 template <Mode M, bool kDeform, typename T>
 ffi::Error dk_launch(cudaStream_t stream, ffi::ScratchAllocator& scratch, const Problem& p,
                      const Operands<T>& A, int64_t out_elements) {
+  // Opt-in second-generation kernels (dk_cuda_v2.cuh), chosen per call.
+  if (v2::requested() && v2::try_launch<M, kDeform, T>(stream, p, A)) return cuda_error("v2");
   const int64_t locations = p.N * p.Ho * p.Wo;
   const int64_t taps = p.taps();
   const T* zero_row = static_cast<const T*>(scratch_zeros(scratch, p.C * sizeof(T), stream));
@@ -393,7 +396,10 @@ ffi::Error dk_launch(cudaStream_t stream, ffi::ScratchAllocator& scratch, const 
       }
     }
     const size_t tile_bytes = size_t(kLocs * taps * (1 + p.G)) * sizeof(CompactFootprint);
-    if (locations > 0 && M == Mode::kForward && tile_bytes <= kMaxTableBytes) {
+    if (locations > 0 && M == Mode::kGradImage && kDeform && v2::requested() &&
+        v2::try_launch_deform_grad_image(stream, p, A, grad_image)) {
+      // The opt-in v2 scatter (dk_cuda_v2.cuh) ran.
+    } else if (locations > 0 && M == Mode::kForward && tile_bytes <= kMaxTableBytes) {
       forward_tile_kernel<kDeform, T><<<unsigned(ceil_div(locations, kLocs)), dim3(32, kLocs),
                                         tile_bytes, stream>>>(p, A, zero_row);
     } else if (locations > 0) {
