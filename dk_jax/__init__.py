@@ -6,6 +6,7 @@ the Flax linen modules in `dk_jax.modules` build every deformable-kernel variant
 """
 
 from dk_jax._ffi import available as ffi_available
+from dk_jax._ffi import export_safety_checks
 from dk_jax.analysis import effective_receptive_field, erf_radius, theoretical_receptive_field
 from dk_jax.modules import (
     CondConv2d,
@@ -43,6 +44,7 @@ __all__ = [
     "deform_scope_im2col",
     "effective_receptive_field",
     "erf_radius",
+    "export_safety_checks",
     "ffi_available",
     "nd_linear_sample",
     "sample_conv",
