@@ -63,6 +63,7 @@ test-peers: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.ops --json benchmarks/results/ops_cpu.json
 	$(PY) -m benchmarks.models --json benchmarks/results/models_cpu.json
+	$(PY) -m benchmarks.second_order --json benchmarks/results/second_order_cpu.json
 	$(PY) -m benchmarks.report
 
 lint: $(STAMP)

@@ -338,6 +338,42 @@ def input_section(inp):
     return out
 
 
+def second_order_section(result):
+    if result is None:
+        return []
+    rows = {(r["product"], r["implementation"]): r for r in result["rows"]}
+    out = [
+        "## Second-order products in rotation, CPU (float32)",
+        "",
+        "Command: `python -m benchmarks.second_order --json "
+        "benchmarks/results/second_order_cpu.json`",
+        "",
+        f"Shape: {result['shape']}; `sample_depthwise`, loss = sum(sin(y)). `hvp_rotation` is "
+        "jvp(grad(loss, rotation)); `grad_of_gradient_penalty` is the gradient in (x, rotation, "
+        "weight) of the squared norm of the gradient in all three. On ffi both lower to custom "
+        "calls only (the second-order modes of `dk_jax/primitives.py`); the xla path is "
+        "JAX's own differentiation of the reference.",
+        "",
+    ]
+    timed = any(r.get("ms") is not None for r in result["rows"])
+    out += (
+        ["| product | ffi temp MiB | xla temp MiB | ffi ms | xla ms |", "|---|---:|---:|---:|---:|"]
+        if timed
+        else ["| product | ffi temp MiB | xla temp MiB | xla / ffi |", "|---|---:|---:|---:|"]
+    )
+    for product in ("hvp_rotation", "grad_of_gradient_penalty"):
+        f, x = rows.get((product, "ffi")), rows.get((product, "xla"))
+        if not (f and x):
+            continue
+        line = f"| {product} | {f['temp_mb']:.1f} | {x['temp_mb']:.1f} |"
+        if timed:
+            line += f" {f['ms'] or float('nan'):.0f} | {x['ms'] or float('nan'):.0f} |"
+        else:
+            line += f" {x['temp_mb'] / f['temp_mb']:.0f}x |"
+        out.append(line)
+    return out + [""]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/BENCHMARKS.md")
@@ -381,6 +417,7 @@ def main(argv=None):
         out += ["## Operators, GPU", "", "Not measured: no GPU was available.", ""]
     out += models_section(load("models_cpu.json"))
     out += input_section(load("input_cpu.json"))
+    out += second_order_section(load("second_order_cpu.json"))
     extra = os.path.join("docs", "BENCHMARKS_NOTES.md")
     if os.path.exists(extra):
         with open(extra) as f:

@@ -9,6 +9,7 @@ docs/OPERATORS.md. The Flax layers built on them are `dk_jax.<Layer>` (flax.line
 
 from dk_jax import modules, nnx
 from dk_jax._ffi import available as ffi_available
+from dk_jax._ffi import export_safety_checks
 from dk_jax.analysis import effective_receptive_field, erf_radius, theoretical_receptive_field
 from dk_jax.modules import *  # noqa: F403  (the linen layers, listed in modules.__all__)
 from dk_jax.ops import (
@@ -28,6 +29,7 @@ __all__ = [
     "deform_scope_im2col",
     "effective_receptive_field",
     "erf_radius",
+    "export_safety_checks",
     "ffi_available",
     "nd_linear_sample",
     "nnx",

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+FLOAT_DTYPES = (jnp.float64, jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def pair(value: Any, name: str, *, minimum: int) -> tuple[int, int]:
@@ -39,23 +39,33 @@ def positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
-def float_arrays(**arrays: Any) -> jnp.dtype:
-    """Checks that every array is float32, bfloat16 or float16, all the same; returns it."""
+def float_arrays(**arrays: Any) -> tuple:
+    """Canonicalises the arrays' dtypes as `jax.numpy` does and checks they share one float
+    dtype; returns the arrays, in the order given.
+
+    float64 becomes float32 unless x64 is enabled; integer and bool arrays take the float dtype
+    of the others (the default float dtype when all are integer). float64, float32, bfloat16 and
+    float16 are accepted; mixing two of them (after canonicalisation) is a TypeError.
+    """
     dtypes = {}
     for name, a in arrays.items():
         if not hasattr(a, "shape") or not hasattr(a, "dtype"):
             raise TypeError(f"{name} must be an array, got {type(a).__name__}")
         dtype = jnp.dtype(a.dtype)
+        if jnp.issubdtype(dtype, jnp.integer) or dtype == jnp.bool_:
+            continue
+        dtype = jnp.dtype(jax.dtypes.canonicalize_dtype(dtype))
         if dtype not in [jnp.dtype(d) for d in FLOAT_DTYPES]:
-            raise TypeError(
-                f"{name} must be float32, bfloat16 or float16, got {dtype} "
-                "(cast integer or float64 inputs explicitly)"
-            )
+            raise TypeError(f"{name} must be a real floating-point (or integer) array, got {dtype}")
         dtypes[name] = dtype
     if len(set(dtypes.values())) > 1:
         listed = ", ".join(f"{k}={v}" for k, v in dtypes.items())
         raise TypeError(f"all arguments must share one dtype, got {listed}")
-    return next(iter(dtypes.values()))
+    common = next(iter(dtypes.values()), jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64)))
+    return tuple(
+        a if jnp.dtype(a.dtype) == common else jnp.asarray(a).astype(common)
+        for a in arrays.values()
+    )
 
 
 def rank(a: Any, name: str, expected: int, layout: str) -> None:

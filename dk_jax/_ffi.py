@@ -1,7 +1,17 @@
 """Loads the compiled FFI libraries and registers their handlers with XLA.
 
 `_dk_cpu` is always built by `pip install`; `_dk_cuda` only where nvcc was found. Each exposes
-`registrations()`, a dict of target name -> capsule, registered here once per platform.
+`registrations()`, a dict of target name -> capsule, registered here once per platform, and
+`target_suffix()`, the interface version every target name ends with (xla_ffi/dk_targets.h is
+the one place it is written).
+
+Targets and `jax.export`: a serialised program names its custom-call targets, so their names,
+operand layouts and attributes are an interface (versioned by the suffix). `jax.export` refuses
+custom calls whose targets are not on its list of targets with compatibility guarantees; JAX
+(0.10) has no public way to add to that list, so registration adds ours to it (the private
+`jax._src.export._export._CUSTOM_CALL_TARGETS_GUARANTEED_STABLE`), guarded so a JAX without it
+only loses that convenience. `export_safety_checks()` gives the public alternative: pass it as
+`jax.export.export(f, disabled_checks=dk_jax.export_safety_checks())`.
 """
 
 from __future__ import annotations
@@ -15,6 +25,19 @@ _MODULES = {"cpu": "_dk_cpu", "cuda": "_dk_cuda"}
 _registered: dict[str, bool] = {}
 _errors: dict[str, str] = {}
 _batch_partitionable: set[str] = set()
+_targets: set[str] = set()
+_suffix: list[str] = []
+
+
+def _allow_in_export(names) -> None:
+    """Puts our targets on jax.export's list of targets with compatibility guarantees."""
+    try:
+        from jax._src.export import _export
+    except ImportError:  # pragma: no cover - a JAX that moved it: export_safety_checks() remains
+        return
+    stable = getattr(_export, "_CUSTOM_CALL_TARGETS_GUARANTEED_STABLE", None)
+    if isinstance(stable, set):
+        stable.update(names)
 
 
 def _register(platform: str) -> bool:
@@ -26,7 +49,8 @@ def _register(platform: str) -> bool:
         _errors[platform] = str(e)
         _registered[platform] = False
         return False
-    for name, capsule in module.registrations().items():
+    registrations = module.registrations()
+    for name, capsule in registrations.items():
         jax.ffi.register_ffi_target(
             name, capsule, platform="CUDA" if platform == "cuda" else platform
         )
@@ -35,8 +59,36 @@ def _register(platform: str) -> bool:
             # may run it on each device's slice of a batch-sharded input.
             jax.ffi.register_ffi_target_as_batch_partitionable(name)
             _batch_partitionable.add(name)
+    _targets.update(registrations)
+    if not _suffix:
+        _suffix.append(module.target_suffix())
+    _allow_in_export(registrations)
     _registered[platform] = True
     return True
+
+
+def target_suffix() -> str:
+    """The version suffix of every custom-call target name, e.g. "_v1"."""
+    if not _suffix:
+        lowering_platforms()
+    if not _suffix:
+        raise RuntimeError("dk_jax: no FFI library is built, so there are no FFI targets")
+    return _suffix[0]
+
+
+def target_names() -> list[str]:
+    """Every custom-call target name of the built libraries (versioned), sorted."""
+    lowering_platforms()
+    return sorted(_targets)
+
+
+def export_safety_checks() -> list:
+    """`jax.export` safety-check exemptions for the dk_jax targets (public-API route).
+
+    Registration already lists the targets as stable for `jax.export` where the running JAX
+    allows it; pass this as `disabled_checks=` to export without relying on that.
+    """
+    return [jax.export.DisabledSafetyCheck.custom_call(name) for name in target_names()]
 
 
 def lowering_platforms() -> list[str]:

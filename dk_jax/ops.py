@@ -39,7 +39,8 @@ def _use_ffi(implementation: str | None, *arrays: Any) -> bool:
 def _depthwise_geometry(
     x, rotation, weight, offset, kernel_size, stride, padding, dilation, rotation_groups
 ):
-    """Checks the arguments of the depthwise ops; returns normalised geometry."""
+    """Checks the arguments of the depthwise ops (dtypes made canonical by the caller);
+    returns normalised geometry."""
     arrays = {"x": x, "rotation": rotation, "weight": weight}
     if offset is not None:
         arrays = {"x": x, "offset": offset, "rotation": rotation, "weight": weight}
@@ -124,6 +125,7 @@ def sample_depthwise(
     Returns:
       (N, Ho, Wo, C) in the dtype of x; float32 accumulation.
     """
+    x, rotation, weight = _checks.float_arrays(x=x, rotation=rotation, weight=weight)
     geo = _depthwise_geometry(
         x, rotation, weight, None, kernel_size, stride, padding, dilation, rotation_groups
     )
@@ -166,6 +168,9 @@ def deform_sample_depthwise(
     Returns:
       (N, Ho, Wo, C) in the dtype of x.
     """
+    x, offset, rotation, weight = _checks.float_arrays(
+        x=x, offset=offset, rotation=rotation, weight=weight
+    )
     geo = _depthwise_geometry(
         x, rotation, weight, offset, kernel_size, stride, padding, dilation, rotation_groups
     )
@@ -199,7 +204,7 @@ def nd_linear_sample(
     Returns:
       (M, C) in the dtype of data.
     """
-    _checks.float_arrays(data=data, coord=coord)
+    data, coord = _checks.float_arrays(data=data, coord=coord)
     if data.ndim < 2:
         raise ValueError(f"data must have rank >= 2 (*S, C), got shape {tuple(data.shape)}")
     _checks.rank(coord, "coord", 2, "(M, D)")
@@ -229,11 +234,6 @@ def _cols_geometry(
             f"scope_size {(sh, sw)} is smaller than kernel_size {(kh, kw)}: "
             "the scope must be at least the kernel size"
         )
-    # Checked here first, so a dtype mismatch names only the arguments the caller passed.
-    if offset is None:
-        _checks.float_arrays(x=x, rotation=rotation)
-    else:
-        _checks.float_arrays(x=x, offset=offset, rotation=rotation)
     _checks.rank(x, "x", 4, "(N, H, W, C)")
     # The columns play the weight's part: a scope-sized plane per channel.
     weight = jax.ShapeDtypeStruct((sh, sw, x.shape[-1]), x.dtype)
@@ -274,6 +274,7 @@ def scope_im2col(
     Returns:
       (N, Ho, Wo, Sh, Sw, C) in the dtype of x.
     """
+    x, rotation = _checks.float_arrays(x=x, rotation=rotation)
     geo, scope = _cols_geometry(
         x, rotation, None, scope_size, kernel_size, stride, padding, dilation, rotation_groups
     )
@@ -299,6 +300,7 @@ def deform_scope_im2col(
 ) -> jax.Array:
     """`scope_im2col` whose image taps are read bilinearly at the offset positions, as in
     `deform_sample_depthwise`. offset: (N, Ho, Wo, Kh*Kw*2). Returns (N, Ho, Wo, Sh, Sw, C)."""
+    x, offset, rotation = _checks.float_arrays(x=x, offset=offset, rotation=rotation)
     geo, scope = _cols_geometry(
         x, rotation, offset, scope_size, kernel_size, stride, padding, dilation, rotation_groups
     )
@@ -353,12 +355,14 @@ def _cols_matmul(cols, kernel, groups):
     def sharded(*spec):
         return None if batch is None else P(*spec)
 
+    # float32 accumulation for 16-bit inputs, float64 for float64.
+    acc = jnp.promote_types(cols.dtype, jnp.float32)
     if groups == 1:
         y = lax.dot_general(
             cols.reshape(m, s * c, out_sharding=sharded(batch, None)),
             kernel.reshape(s * c, f),
             (((1,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32,
+            preferred_element_type=acc,
         )
         return y.reshape(n, ho, wo, f, out_sharding=sharded(batch, None, None, None)).astype(
             cols.dtype
@@ -367,7 +371,7 @@ def _cols_matmul(cols, kernel, groups):
     a = cols.reshape(m, s, groups, cg, out_sharding=sharded(batch, None, None, None))
     a = a.transpose(2, 0, 1, 3).reshape(groups, m, s * cg)
     b = kernel.reshape(s, cg, groups, fg).transpose(2, 0, 1, 3).reshape(groups, s * cg, fg)
-    y = lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+    y = lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,))), preferred_element_type=acc)
     y = y.transpose(1, 0, 2).reshape(n, ho, wo, f, out_sharding=sharded(batch, None, None, None))
     return y.astype(cols.dtype)
 
@@ -452,11 +456,13 @@ def deform_sample_conv(
 def _local_conv(x, offset, rotation, kernel, feature_group_count, **geo):
     """sample_conv (offset None) and deform_sample_conv: the direct depthwise kernel when
     groups = F = C, else the columns and one matmul."""
+    if offset is None:
+        x, rotation, kernel = _checks.float_arrays(x=x, rotation=rotation, kernel=kernel)
+    else:
+        x, offset, rotation, kernel = _checks.float_arrays(
+            x=x, offset=offset, rotation=rotation, kernel=kernel
+        )
     offsets = () if offset is None else (offset,)
-    arrays = dict(x=x, rotation=rotation, kernel=kernel)
-    if offset is not None:
-        arrays = dict(x=x, offset=offset, rotation=rotation, kernel=kernel)
-    _checks.float_arrays(**arrays)
     _checks.rank(x, "x", 4, "(N, H, W, C)")
     groups = _conv_groups(x, kernel, feature_group_count)
     if groups == x.shape[-1] and kernel.shape[-1] == groups:

@@ -14,10 +14,36 @@ Nw = N (one kernel per sample); batching folds any vmapped axis into N that way.
     jvp_offset     (x, offset, rotation, weight, tangent)     -> dy
     grad_offset    (cot, x, offset, rotation, weight)         -> goffset
 
+Second order in rotation. Within a cell the kernel's bilinear read B is linear in each
+coordinate, so its second derivative is the cross term d2B/du dv (+-1 per corner) and its third
+vanishes. The derivative of jvp_rotation (tangent t) in rotation along s is jvp_rotation with
+dB[t] replaced by d2B/du dv * cross, cross = t_u s_v + t_v s_u: one number per group and tap,
+a "cross tangent" (N, Ho, Wo, G*Kh*Kw). These modes close the rotation derivatives of every
+order under JVP and transposition:
+
+    jvp_rotation_grad_image   (cot, [offset], rotation, weight, tangent)   -> gx
+    jvp_rotation_grad_weight  (cot, x, [offset], rotation, tangent)        -> gw
+    hvp_rotation              (x, [offset], rotation, weight, cross)       -> dy
+    hvp_rotation_grad_image   (cot, [offset], rotation, weight, cross)     -> gx
+    hvp_rotation_grad_weight  (cot, x, [offset], rotation, cross)          -> gw
+    grad_cross_rotation       (cot, x, [offset], rotation, weight)         -> gcross
+
 y is linear in x and in weight, so forward transposes to grad_image / grad_weight; the JVP in
 rotation (offset) is its own primitive, linear in the tangent, transposing to grad_rotation
-(grad_offset) and back. All of them lower to custom calls, so reverse mode never falls back to
-jax.numpy.
+(grad_offset) and back. All of them lower to custom calls (target `dk_{sample,deform}_<mode>`
+plus the version suffix, e.g. `dk_sample_forward_v1`), so first derivatives, forward and
+reverse, never fall back to jax.numpy.
+
+Higher derivatives. Every mode is a multilinear form in the roles of its `linear` table, so
+its derivative there is itself with the tangent in place, and its transposes (`transposes`) are
+modes too; derivatives in rotation follow `_ROTATION_JVP`. So derivatives of every order in x,
+weight and rotation, forward and reverse, are custom calls. What involves a derivative in
+offset beyond the first (the image read's second derivative, and offset mixed with rotation)
+is written once, generically, on the jax.numpy reference (`_reference_mode`: the mode computed
+from the reference op by jax.jvp / jax.vjp), whose derivatives JAX takes to any order:
+  - the derivative in offset of every mode but forward, and in rotation of the offset modes,
+  - the transpose of jvp_offset / grad_offset in x or weight.
+Those terms hold gathers; the nd family's second derivatives are on the reference too.
 
 Scope-space im2col (`scope_im2col`, `deform_scope_im2col`): the same operand order without
 weight; geometry ends with the scope (Sh, Sw); columns are (N, Ho, Wo, Sh, Sw, C).
@@ -28,6 +54,8 @@ weight; geometry ends with the scope (Sh, Sw); columns are (N, Ho, Wo, Sh, Sw, C
     cols grad_rotation (cot, x, [offset], rotation)       -> grotation
     cols jvp_offset    (x, offset, rotation, tangent)     -> dcols
     cols grad_offset   (cot, x, offset, rotation)         -> goffset
+    cols jvp_rotation_grad_image, hvp_rotation, hvp_rotation_grad_image, grad_cross_rotation:
+                       as in the depthwise family, without weight
 
 nd_linear_sample: data (Nb, *S, C), coord (Nb, M, D).
 
@@ -63,7 +91,7 @@ from jax.interpreters import ad, batching, mlir, xla
 from jax.sharding import ManualAxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dk_jax import _ffi
+from dk_jax import _ffi, reference
 
 ROLES = ("cot", "x", "offset", "rotation", "weight", "tangent")
 
@@ -84,8 +112,10 @@ class _Family:
     transposes: dict
 
     def target(self, mode: str, deformable: bool) -> str:
+        """The custom-call target: a versioned interface (xla_ffi/dk_targets.h)."""
         kind = "deform" if deformable else "sample"
-        return f"dk_{kind}_{mode}" if self.name == "dk" else f"dk_{kind}_{self.name}_{mode}"
+        name = f"dk_{kind}_{mode}" if self.name == "dk" else f"dk_{kind}_{self.name}_{mode}"
+        return name + _ffi.target_suffix()
 
 
 DK = _Family(
@@ -98,6 +128,12 @@ DK = _Family(
         "grad_rotation": ("cot", "x", "offset", "rotation", "weight"),
         "jvp_offset": ("x", "offset", "rotation", "weight", "tangent"),
         "grad_offset": ("cot", "x", "offset", "rotation", "weight"),
+        "jvp_rotation_grad_image": ("cot", "offset", "rotation", "weight", "tangent"),
+        "jvp_rotation_grad_weight": ("cot", "x", "offset", "rotation", "tangent"),
+        "hvp_rotation": ("x", "offset", "rotation", "weight", "tangent"),
+        "hvp_rotation_grad_image": ("cot", "offset", "rotation", "weight", "tangent"),
+        "hvp_rotation_grad_weight": ("cot", "x", "offset", "rotation", "tangent"),
+        "grad_cross_rotation": ("cot", "x", "offset", "rotation", "weight"),
     },
     linear={
         "forward": ("x", "weight"),
@@ -107,6 +143,12 @@ DK = _Family(
         "grad_rotation": ("cot", "x", "weight"),
         "jvp_offset": ("x", "weight", "tangent"),
         "grad_offset": ("cot", "x", "weight"),
+        "jvp_rotation_grad_image": ("cot", "weight", "tangent"),
+        "jvp_rotation_grad_weight": ("cot", "x", "tangent"),
+        "hvp_rotation": ("x", "weight", "tangent"),
+        "hvp_rotation_grad_image": ("cot", "weight", "tangent"),
+        "hvp_rotation_grad_weight": ("cot", "x", "tangent"),
+        "grad_cross_rotation": ("cot", "x", "weight"),
     },
     transposes={
         ("forward", "x"): ("grad_image", "cot", "image_shape"),
@@ -119,6 +161,31 @@ DK = _Family(
         ("grad_rotation", "cot"): ("jvp_rotation", "tangent", None),
         ("jvp_offset", "tangent"): ("grad_offset", "cot", None),
         ("grad_offset", "cot"): ("jvp_offset", "tangent", None),
+        # <cot, jvp_rotation(x, weight, t)> is trilinear; each mode is its gradient in one
+        # role, so transposing one in another role gives the gradient in that role.
+        ("jvp_rotation", "x"): ("jvp_rotation_grad_image", "cot", "image_shape"),
+        ("jvp_rotation", "weight"): ("jvp_rotation_grad_weight", "cot", "weight_shape"),
+        ("grad_rotation", "x"): ("jvp_rotation_grad_image", "tangent", "image_shape"),
+        ("grad_rotation", "weight"): ("jvp_rotation_grad_weight", "tangent", "weight_shape"),
+        ("jvp_rotation_grad_image", "cot"): ("jvp_rotation", "x", None),
+        ("jvp_rotation_grad_image", "weight"): ("jvp_rotation_grad_weight", "x", "weight_shape"),
+        ("jvp_rotation_grad_image", "tangent"): ("grad_rotation", "x", None),
+        ("jvp_rotation_grad_weight", "cot"): ("jvp_rotation", "weight", None),
+        ("jvp_rotation_grad_weight", "x"): ("jvp_rotation_grad_image", "weight", "image_shape"),
+        ("jvp_rotation_grad_weight", "tangent"): ("grad_rotation", "weight", None),
+        # The same for <cot, hvp_rotation(x, weight, cross)>.
+        ("hvp_rotation", "x"): ("hvp_rotation_grad_image", "cot", "image_shape"),
+        ("hvp_rotation", "weight"): ("hvp_rotation_grad_weight", "cot", "weight_shape"),
+        ("hvp_rotation", "tangent"): ("grad_cross_rotation", "cot", None),
+        ("grad_cross_rotation", "cot"): ("hvp_rotation", "tangent", None),
+        ("grad_cross_rotation", "x"): ("hvp_rotation_grad_image", "tangent", "image_shape"),
+        ("grad_cross_rotation", "weight"): ("hvp_rotation_grad_weight", "tangent", "weight_shape"),
+        ("hvp_rotation_grad_image", "cot"): ("hvp_rotation", "x", None),
+        ("hvp_rotation_grad_image", "weight"): ("hvp_rotation_grad_weight", "x", "weight_shape"),
+        ("hvp_rotation_grad_image", "tangent"): ("grad_cross_rotation", "x", None),
+        ("hvp_rotation_grad_weight", "cot"): ("hvp_rotation", "weight", None),
+        ("hvp_rotation_grad_weight", "x"): ("hvp_rotation_grad_image", "weight", "image_shape"),
+        ("hvp_rotation_grad_weight", "tangent"): ("grad_cross_rotation", "weight", None),
     },
 )
 
@@ -132,6 +199,10 @@ COLS = _Family(
         "grad_rotation": ("cot", "x", "offset", "rotation"),
         "jvp_offset": ("x", "offset", "rotation", "tangent"),
         "grad_offset": ("cot", "x", "offset", "rotation"),
+        "jvp_rotation_grad_image": ("cot", "offset", "rotation", "tangent"),
+        "hvp_rotation": ("x", "offset", "rotation", "tangent"),
+        "hvp_rotation_grad_image": ("cot", "offset", "rotation", "tangent"),
+        "grad_cross_rotation": ("cot", "x", "offset", "rotation"),
     },
     linear={
         "forward": ("x",),
@@ -140,6 +211,10 @@ COLS = _Family(
         "grad_rotation": ("cot", "x"),
         "jvp_offset": ("x", "tangent"),
         "grad_offset": ("cot", "x"),
+        "jvp_rotation_grad_image": ("cot", "tangent"),
+        "hvp_rotation": ("x", "tangent"),
+        "hvp_rotation_grad_image": ("cot", "tangent"),
+        "grad_cross_rotation": ("cot", "x"),
     },
     transposes={
         ("forward", "x"): ("grad_image", "cot", "image_shape"),
@@ -148,11 +223,91 @@ COLS = _Family(
         ("grad_rotation", "cot"): ("jvp_rotation", "tangent", None),
         ("jvp_offset", "tangent"): ("grad_offset", "cot", None),
         ("grad_offset", "cot"): ("jvp_offset", "tangent", None),
+        ("jvp_rotation", "x"): ("jvp_rotation_grad_image", "cot", "image_shape"),
+        ("grad_rotation", "x"): ("jvp_rotation_grad_image", "tangent", "image_shape"),
+        ("jvp_rotation_grad_image", "cot"): ("jvp_rotation", "x", None),
+        ("jvp_rotation_grad_image", "tangent"): ("grad_rotation", "x", None),
+        ("hvp_rotation", "x"): ("hvp_rotation_grad_image", "cot", "image_shape"),
+        ("hvp_rotation", "tangent"): ("grad_cross_rotation", "cot", None),
+        ("grad_cross_rotation", "cot"): ("hvp_rotation", "tangent", None),
+        ("grad_cross_rotation", "x"): ("hvp_rotation_grad_image", "tangent", "image_shape"),
+        ("hvp_rotation_grad_image", "cot"): ("hvp_rotation", "x", None),
+        ("hvp_rotation_grad_image", "tangent"): ("grad_cross_rotation", "x", None),
     },
 )
 
 # Forward is nonlinear in rotation and offset: its JVP there is a primitive of its own.
 _JVP_MODES = {"rotation": "jvp_rotation", "offset": "jvp_offset"}
+
+# The derivative of a mode in rotation along s: (the mode computing it, how s enters), or None
+# where it is zero (third derivatives of the read vanish within a cell). "tangent": s is that
+# mode's tangent; "cross": its tangent is the cross of the mode's tangent t with s; "cross_grad":
+# it computes the gradient g of the cross tangent, and the derivative is g * d(cross)/dt.
+_ROTATION_JVP = {
+    "grad_image": ("jvp_rotation_grad_image", "tangent"),
+    "grad_weight": ("jvp_rotation_grad_weight", "tangent"),
+    "jvp_rotation": ("hvp_rotation", "cross"),
+    "grad_rotation": ("grad_cross_rotation", "cross_grad"),
+    "jvp_rotation_grad_image": ("hvp_rotation_grad_image", "cross"),
+    "jvp_rotation_grad_weight": ("hvp_rotation_grad_weight", "cross"),
+    "hvp_rotation": None,
+    "hvp_rotation_grad_image": None,
+    "hvp_rotation_grad_weight": None,
+    "grad_cross_rotation": None,
+}
+
+# What each mode returns, for abstract evaluation.
+_OUTPUTS = {
+    "forward": "y",
+    "jvp_rotation": "y",
+    "jvp_offset": "y",
+    "hvp_rotation": "y",
+    "grad_image": "image",
+    "jvp_rotation_grad_image": "image",
+    "hvp_rotation_grad_image": "image",
+    "grad_weight": "weight",
+    "jvp_rotation_grad_weight": "weight",
+    "hvp_rotation_grad_weight": "weight",
+    "grad_rotation": "rotation",
+    "grad_offset": "offset",
+    "grad_cross_rotation": "cross",
+}
+
+# Each mode as a transformation of another: ("jvp" or "vjp" or "cross", the role it
+# differentiates in, the mode it differentiates, the static shape param of that role's zero
+# primal where the mode does not take it, or "cross"). The reference versions of the modes
+# (`_reference_mode`) are built from this table.
+_MODE_AS_DERIVATIVE = {
+    "grad_image": ("vjp", "x", "forward", "image_shape"),
+    "grad_weight": ("vjp", "weight", "forward", "weight_shape"),
+    "jvp_rotation": ("jvp", "rotation", "forward", None),
+    "grad_rotation": ("vjp", "rotation", "forward", None),
+    "jvp_offset": ("jvp", "offset", "forward", None),
+    "grad_offset": ("vjp", "offset", "forward", None),
+    "jvp_rotation_grad_image": ("vjp", "x", "jvp_rotation", "image_shape"),
+    "jvp_rotation_grad_weight": ("vjp", "weight", "jvp_rotation", "weight_shape"),
+    "hvp_rotation": ("cross", "rotation", "jvp_rotation", None),
+    "hvp_rotation_grad_image": ("vjp", "x", "hvp_rotation", "image_shape"),
+    "hvp_rotation_grad_weight": ("vjp", "weight", "hvp_rotation", "weight_shape"),
+    "grad_cross_rotation": ("vjp", "tangent", "hvp_rotation", "cross"),
+}
+
+
+def _pairs(t):
+    """(..., G*taps*2) -> (..., G*taps, 2): (u, v) per group and tap."""
+    return t.reshape(*t.shape[:-1], -1, 2)
+
+
+def _cross(t, s):
+    """The cross tangent t_u s_v + t_v s_u per group and tap: (..., G*taps)."""
+    t, s = _pairs(t), _pairs(s)
+    return t[..., 0] * s[..., 1] + t[..., 1] * s[..., 0]
+
+
+def _cross_grad(g, s):
+    """g * d(cross)/dt for the gradient g (..., G*taps) of the cross of t with s."""
+    s = _pairs(s)
+    return jnp.stack([g * s[..., 1], g * s[..., 0]], axis=-1).reshape(*g.shape[:-1], -1)
 
 
 def _roles(family: _Family, mode: str, deformable: bool) -> tuple[str, ...]:
@@ -236,18 +391,21 @@ def _out_aval(family, mode, *args, deformable, geometry, image_shape=None, weigh
     a = dict(zip(_roles(family, mode, deformable), args, strict=True))
     rot = a["rotation"]
     n, ho, wo = rot.shape[:3]
-    if mode in ("forward", "jvp_rotation", "jvp_offset"):
+    output = _OUTPUTS[mode]
+    if output == "y":
         if family is DK:
             shape = (n, ho, wo, a["weight"].shape[-1])
         else:
             shape = (n, ho, wo, geometry[9], geometry[10], a["x"].shape[-1])
-    elif mode == "grad_image":
+    elif output == "image":
         shape = tuple(image_shape)
-    elif mode == "grad_weight":
+    elif output == "weight":
         shape = tuple(weight_shape)
-    elif mode == "grad_rotation":
+    elif output == "rotation":
         shape = rot.shape
-    else:  # grad_offset
+    elif output == "cross":
+        shape = (*rot.shape[:3], rot.shape[3] // 2)
+    else:  # offset
         shape = a["offset"].shape
     batched = mode != "grad_weight" or shape[0] == n
     return _result_aval(shape, rot.dtype, args, batched)
@@ -326,7 +484,7 @@ def _batch_partitioned_call(ctx, target: str, args, n: int, *, shares: bool, **a
     (result,) = rule(ctx.replace(avals_in=avals_in, avals_out=[full]), *operands, **attributes)
     if full is not out:
         result = _lower_jnp(
-            lambda g: jnp.sum(g, axis=0, keepdims=True, dtype=jnp.float32).astype(g.dtype),
+            lambda g: jnp.sum(g, axis=0, keepdims=True, dtype=jnp.promote_types(g.dtype, jnp.float32)).astype(g.dtype),
             ctx,
             full,
             out,
@@ -353,10 +511,92 @@ def _register_lowerings(prims, lowering):
             mlir.register_lowering(p, partial(lowering, mode), platform=platform)
 
 
+# --- reference versions of the modes -------------------------------------------------------
+# The higher-order terms no custom call computes (see the module docstring) are these functions'
+# derivatives and transposes, taken by JAX.
+
+
+def _reference_op(family, deformable, geometry, x, offset, rotation, weight):
+    """The op on the jax.numpy reference; weight (Nw, Sh, Sw, C), Nw = 1 or N."""
+    kh, kw, sh, sw, ph, pw, dh, dw, groups = geometry[:9]
+    geo = dict(
+        kernel_size=(kh, kw),
+        stride=(sh, sw),
+        padding=(ph, pw),
+        dilation=(dh, dw),
+        rotation_groups=groups,
+    )
+    offsets = (offset,) if deformable else ()
+    if family is COLS:
+        op = reference.deform_scope_im2col if deformable else reference.scope_im2col
+        return op(x, *offsets, rotation, scope_size=tuple(geometry[9:11]), **geo)
+    op = reference.deform_sample_depthwise if deformable else reference.sample_depthwise
+    if weight.shape[0] == 1:
+        return op(x, *offsets, rotation, weight[0], **geo)
+
+    def one_sample(*args):  # per-sample kernels: the reference takes one shared kernel
+        *per_n, w = args
+        return op(*(a[None] for a in per_n), w, **geo)[0]
+
+    return jax.vmap(one_sample)(x, *offsets, rotation, weight)
+
+
+def _reference_mode(family, mode, deformable, geometry, params, named):
+    """`mode` computed on the reference from operands by role (`named`)."""
+    if mode == "forward":
+        args = {r: named.get(r) for r in ("x", "offset", "rotation", "weight")}
+        return _reference_op(family, deformable, geometry, **args)
+    how, role, of, shape_param = _MODE_AS_DERIVATIVE[mode]
+
+    def inner(v, **more):
+        return _reference_mode(
+            family, of, deformable, geometry, params, dict(named, **more, **{role: v})
+        )
+
+    rot = named["rotation"]
+    if how == "jvp":
+        return jax.jvp(inner, (named[role],), (named["tangent"],))[1]
+    if how == "cross":
+        # The cross tangent c is that of t = (c, 0) with s = (0, 1) in every group and tap.
+        c = named["tangent"]
+        t = jnp.stack([c, jnp.zeros_like(c)], axis=-1).reshape(rot.shape)
+        s = jnp.stack([jnp.zeros_like(c), jnp.ones_like(c)], axis=-1).reshape(rot.shape)
+        return jax.jvp(partial(inner, tangent=t), (rot,), (s,))[1]
+    # Linear in x, weight and the tangent: the pullback at a zero primal is exact.
+    if shape_param is None:
+        primal = named[role]
+    elif shape_param == "cross":
+        primal = jnp.zeros((*rot.shape[:3], rot.shape[3] // 2), rot.dtype)
+    else:
+        primal = jnp.zeros(params[shape_param], rot.dtype)
+    _, pullback = jax.vjp(inner, primal)
+    return pullback(named["cot"])[0]
+
+
+def _reference_jvp(family, mode, role, named, tangent, *, deformable, geometry, **params):
+    """The derivative of `mode` in `role` along `tangent`, on the reference."""
+
+    def f(v):
+        return _reference_mode(family, mode, deformable, geometry, params, dict(named, **{role: v}))
+
+    return jax.jvp(f, (named[role],), (tangent,))[1]
+
+
+def _reference_transpose(family, mode, role, ct, known, aval, *, deformable, geometry, **params):
+    """The transpose of `mode` in its linear role `role`, on the reference."""
+
+    def f(v):
+        return _reference_mode(family, mode, deformable, geometry, params, dict(known, **{role: v}))
+
+    _, pullback = jax.vjp(f, jnp.zeros(aval.shape, aval.dtype))
+    return pullback(ct)[0]
+
+
 # --- JVP -----------------------------------------------------------------------------------
 # Each primitive is multilinear in some roles (the JVP in such a role is the same primitive
 # with the tangent in its place); forward is nonlinear in rotation and offset, which have their
-# own JVP primitives. Other second-order terms (e.g. the Hessian in rotation) are not provided.
+# own JVP primitives. The derivatives of the other modes in rotation are the second-order
+# modes (`_ROTATION_JVP`); in offset they come from the reference (`_reference_jvp`).
 
 
 def _is_zero(t) -> bool:
@@ -371,6 +611,18 @@ def _sum_tangents(out, terms):
     for t in terms[1:]:
         total = total + t
     return total
+
+
+def _rotation_jvp(family, mode, named, s, kw, params):
+    """The derivative of `mode` in rotation along s, by the second-order modes."""
+    target, how = _ROTATION_JVP[mode]
+    ops = {r: named[r] for r in _roles(family, target, kw["deformable"]) if r in named}
+    if how == "tangent":
+        ops["tangent"] = s
+    elif how == "cross":
+        ops["tangent"] = _cross(named["tangent"], s)
+    out = _bind(family, target, **kw, **ops, **params)
+    return _cross_grad(out, s) if how == "cross_grad" else out
 
 
 def _dk_jvp(family, mode, primals, tangents, *, deformable, geometry, **params):
@@ -388,11 +640,12 @@ def _dk_jvp(family, mode, primals, tangents, *, deformable, geometry, **params):
             terms.append(_bind(family, mode, **kw, **dict(named, **{role: t}), **params))
         elif mode == "forward" and role in _JVP_MODES:
             terms.append(_bind(family, _JVP_MODES[role], **kw, **named, tangent=t))
+        elif role == "rotation" and mode in _ROTATION_JVP:
+            if _ROTATION_JVP[mode] is not None:
+                terms.append(_rotation_jvp(family, mode, named, t, kw, params))
         else:
-            raise NotImplementedError(
-                f"dk_jax: the derivative of {family.name}_{mode} with respect to {role} is not "
-                "implemented (second derivatives in rotation/offset)"
-            )
+            # A derivative mode in offset, or an offset mode in rotation: on the reference.
+            terms.append(_reference_jvp(family, mode, role, named, t, **kw, **params))
     return out, _sum_tangents(out, terms)
 
 
@@ -413,16 +666,20 @@ def _dk_transpose(family, mode, ct, *args, deformable, geometry, **params):
     roles = _roles(family, mode, deformable)
     undefined = [r for r, a in zip(roles, args, strict=True) if ad.is_undefined_primal(a)]
     if len(undefined) != 1:
-        raise NotImplementedError(
-            f"dk_jax: {family.name}_{mode} is transposable in one operand at a time"
-        )
+        # Multilinear: in two operands at once it is not linear, so it has no transpose.
+        raise TypeError(f"dk_jax: {family.name}_{mode} is linear in one operand at a time")
     role = undefined[0]
     index = roles.index(role)
     aval = args[index].aval
-    if (mode, role) not in family.transposes:
-        raise NotImplementedError(f"dk_jax: {family.name}_{mode} cannot be transposed in {role}")
+    if role not in family.linear[mode]:
+        raise TypeError(f"dk_jax: {family.name}_{mode} is not linear in {role}")
     if _is_zero(ct):
         result = ad.Zero(aval)
+    elif (mode, role) not in family.transposes:
+        # An offset mode in x or weight: no custom call computes it.
+        known = {r: a for r, a in zip(roles, args, strict=True) if r != role}
+        kw = dict(deformable=deformable, geometry=geometry)
+        result = _reference_transpose(family, mode, role, ct, known, aval, **kw, **params)
     else:
         target, ct_role, shape_param = family.transposes[(mode, role)]
         known = {r: a for r, a in zip(roles, args, strict=True) if r != role}
@@ -466,13 +723,13 @@ def _dk_batch(family, mode, args, dims, *, deformable, geometry, **params):
         else:
             w = w[0]
         named["weight"] = w
-    if mode == "grad_image":
+    if "image_shape" in params:
         out_params["image_shape"] = (size * n, *params["image_shape"][1:])
-    if mode == "grad_weight":
+    if "weight_shape" in params:
         out_params["weight_shape"] = (size * n, *params["weight_shape"][1:])
     out = _bind(family, mode, deformable=deformable, geometry=geometry, **named, **out_params)
     out = out.reshape(size, -1, *out.shape[1:])
-    if mode == "grad_weight" and params["weight_shape"][0] == 1:
+    if "weight_shape" in params and params["weight_shape"][0] == 1:
         out = out.sum(axis=1, keepdims=True)
     return out, 0
 
@@ -526,7 +783,22 @@ def _nd_out_aval(mode, *args, data_shape=None):
 
 def _nd_lowering(mode, ctx, *args, **_):
     n = ctx.avals_in[ND_ROLES[mode].index("coord")].shape[0]
-    return _batch_partitioned_call(ctx, f"dk_nd_{mode}", args, n, shares=False)
+    return _batch_partitioned_call(ctx, f"dk_nd_{mode}{_ffi.target_suffix()}", args, n, shares=False)
+
+
+def _nd_reference_mode(mode, named, data_shape=None):
+    """`mode` computed on the reference (batched over Nb) from operands by role."""
+    op = jax.vmap(reference.nd_linear_sample)
+    coord = named["coord"]
+    if mode == "forward":
+        return op(named["data"], coord)
+    if mode == "jvp_coord":
+        return jax.jvp(lambda c: op(named["data"], c), (coord,), (named["tangent"],))[1]
+    if mode == "grad_coord":
+        _, pullback = jax.vjp(lambda c: op(named["data"], c), coord)
+    else:  # grad_data: linear in data, so the pullback at zero data is exact
+        _, pullback = jax.vjp(lambda d: op(d, coord), jnp.zeros(data_shape, coord.dtype))
+    return pullback(named["cot"])[0]
 
 
 def _nd_jvp(mode, primals, tangents, **params):
@@ -541,9 +813,11 @@ def _nd_jvp(mode, primals, tangents, **params):
         elif mode == "forward" and role == "coord":
             terms.append(nd_bind("jvp_coord", **named, tangent=t))
         else:
-            raise NotImplementedError(
-                f"dk_jax: the derivative of dk_nd_{mode} with respect to {role} is not implemented"
-            )
+            # jvp_coord / grad_coord / grad_data in coord: second derivatives, on the reference.
+            def f(c):
+                return _nd_reference_mode(mode, dict(named, coord=c), **params)
+
+            terms.append(jax.jvp(f, (named["coord"],), (t,))[1])
     return out, _sum_tangents(out, terms)
 
 
@@ -551,7 +825,7 @@ def _nd_transpose(mode, ct, *args, **params):
     roles = ND_ROLES[mode]
     undefined = [r for r, a in zip(roles, args, strict=True) if ad.is_undefined_primal(a)]
     if len(undefined) != 1:
-        raise NotImplementedError(f"dk_jax: dk_nd_{mode} is transposable in one operand at a time")
+        raise TypeError(f"dk_jax: dk_nd_{mode} is linear in one operand at a time")
     role = undefined[0]
     index = roles.index(role)
     aval = args[index].aval
@@ -566,8 +840,15 @@ def _nd_transpose(mode, ct, *args, **params):
         result = nd_bind("grad_coord", cot=ct, data=g["data"], coord=g["coord"])
     elif (mode, role) == ("grad_coord", "cot"):
         result = nd_bind("jvp_coord", data=g["data"], coord=g["coord"], tangent=ct)
+    elif role in ND_LINEAR[mode]:
+        # jvp_coord / grad_coord in data: no custom call computes it; on the reference.
+        def f(v):
+            return _nd_reference_mode(mode, dict(g, **{role: v}), **params)
+
+        _, pullback = jax.vjp(f, jnp.zeros(aval.shape, aval.dtype))
+        result = pullback(ct)[0]
     else:
-        raise NotImplementedError(f"dk_jax: dk_nd_{mode} cannot be transposed in {role}")
+        raise TypeError(f"dk_jax: dk_nd_{mode} is not linear in {role}")
     if not _is_zero(ct):
         result = _with_sharding_of(aval, result)
     return [result if i == index else None for i in range(len(roles))]

@@ -62,7 +62,7 @@ template <typename T>
 std::vector<T> random(std::mt19937& rng, size_t n, float scale) {
   std::normal_distribution<float> d(0.f, scale);
   std::vector<T> v(n);
-  for (auto& e : v) e = from_float<T>(d(rng));
+  for (auto& e : v) e = narrow<T>(d(rng));
   return v;
 }
 
@@ -79,17 +79,17 @@ std::vector<float> reference_forward(const Problem& p, const Operands<T>& A) {
         for (int64_t c = 0; c < p.C; ++c) {
           float acc = 0.f;
           for (int64_t t = 0; t < taps; ++t) {
-            const Footprint img = image_footprint<kDeform>(
+            const auto img = image_footprint<kDeform>(
                 p, kDeform ? A.offset + loc * taps * 2 : nullptr, i, j, t / p.Kw, t % p.Kw);
-            const Footprint kf =
+            const auto kf =
                 kernel_footprint(p, A.rotation + loc * p.G * taps * 2, t / p.Kw, t % p.Kw, c % p.G);
             float xb = 0.f, kb = 0.f;
             for (int k = 0; k < NI; ++k) {
-              if (img.index[k] >= 0) xb += img.w[k] * to_float(A.x[(n * p.H * p.W + img.index[k]) * p.C + c]);
+              if (img.index[k] >= 0) xb += img.w[k] * widen(A.x[(n * p.H * p.W + img.index[k]) * p.C + c]);
             }
             const int64_t nw = p.Nw == 1 ? 0 : n;
             for (int k = 0; k < 4; ++k) {
-              if (kf.index[k] >= 0) kb += kf.w[k] * to_float(A.weight[(nw * S + kf.index[k]) * p.C + c]);
+              if (kf.index[k] >= 0) kb += kf.w[k] * widen(A.weight[(nw * S + kf.index[k]) * p.C + c]);
             }
             acc += xb * kb;
           }
@@ -109,17 +109,17 @@ std::vector<float> reference_grad_image(const Problem& p, const Operands<T>& A) 
       for (int64_t j = 0; j < p.Wo; ++j) {
         const int64_t loc = (n * p.Ho + i) * p.Wo + j;
         for (int64_t t = 0; t < taps; ++t) {
-          const Footprint img = image_footprint<false>(p, A.offset, i, j, t / p.Kw, t % p.Kw);
+          const auto img = image_footprint<false>(p, A.offset, i, j, t / p.Kw, t % p.Kw);
           if (img.index[0] < 0) continue;
           for (int64_t c = 0; c < p.C; ++c) {
-            const Footprint kf =
+            const auto kf =
                 kernel_footprint(p, A.rotation + loc * p.G * taps * 2, t / p.Kw, t % p.Kw, c % p.G);
             float kb = 0.f;
             const int64_t nw = p.Nw == 1 ? 0 : n;
             for (int k = 0; k < 4; ++k) {
-              if (kf.index[k] >= 0) kb += kf.w[k] * to_float(A.weight[(nw * S + kf.index[k]) * p.C + c]);
+              if (kf.index[k] >= 0) kb += kf.w[k] * widen(A.weight[(nw * S + kf.index[k]) * p.C + c]);
             }
-            gx[(n * p.H * p.W + img.index[0]) * p.C + c] += to_float(A.cot[loc * p.C + c]) * kb;
+            gx[(n * p.H * p.W + img.index[0]) * p.C + c] += widen(A.cot[loc * p.C + c]) * kb;
           }
         }
       }
@@ -136,17 +136,17 @@ std::vector<float> reference_deform_grad_image(const Problem& p, const Operands<
       for (int64_t j = 0; j < p.Wo; ++j) {
         const int64_t loc = (n * p.Ho + i) * p.Wo + j;
         for (int64_t t = 0; t < taps; ++t) {
-          const Footprint img =
+          const auto img =
               image_footprint<true>(p, A.offset + loc * taps * 2, i, j, t / p.Kw, t % p.Kw);
           for (int64_t c = 0; c < p.C; ++c) {
-            const Footprint kf =
+            const auto kf =
                 kernel_footprint(p, A.rotation + loc * p.G * taps * 2, t / p.Kw, t % p.Kw, c % p.G);
             float kb = 0.f;
             const int64_t nw = p.Nw == 1 ? 0 : n;
             for (int k = 0; k < 4; ++k) {
-              if (kf.index[k] >= 0) kb += kf.w[k] * to_float(A.weight[(nw * S + kf.index[k]) * p.C + c]);
+              if (kf.index[k] >= 0) kb += kf.w[k] * widen(A.weight[(nw * S + kf.index[k]) * p.C + c]);
             }
-            const float d = to_float(A.cot[loc * p.C + c]) * kb;
+            const float d = widen(A.cot[loc * p.C + c]) * kb;
             for (int k = 0; k < 4; ++k) {
               if (img.index[k] >= 0) gx[(n * p.H * p.W + img.index[k]) * p.C + c] += img.w[k] * d;
             }
@@ -160,7 +160,7 @@ template <typename T>
 double rel_err(const std::vector<T>& got, const std::vector<float>& want) {
   double err = 0.0, scale = 1e-30;
   for (size_t e = 0; e < want.size(); ++e) {
-    const double g = to_float(got[e]);
+    const double g = widen(got[e]);
     if (!(std::abs(g - want[e]) <= err)) err = std::isnan(g) ? INFINITY : std::abs(g - want[e]);
     scale = std::max(scale, double(std::abs(want[e])));
   }
@@ -185,7 +185,7 @@ void check(const Case& k, const char* tname) {
   auto rot = random<T>(rng, locs * p.G * taps * 2, k.spread);
   auto off = random<T>(rng, locs * taps * 2, k.spread);
   auto gy = random<T>(rng, locs * p.C, 1.f);
-  const T nan = from_float<T>(NAN);
+  const T nan = narrow<T>(NAN);
   const double tol = sizeof(T) == 4 ? 1e-5 : 1e-2;
   const Layout L = layout<Idx>(p, taps);
   if (L.total > kMaxShared) {

@@ -29,32 +29,103 @@ enum class Mode : int {
   kGradRotation,  // (gy, x, [offset], rotation, weight)        -> grotation
   kJvpOffset,     // (x, offset, rotation, weight, doffset)     -> dy
   kGradOffset,    // (gy, x, offset, rotation, weight)          -> goffset
+  // Second order in rotation. With B the kernel's bilinear read, kJvpRotation is y with B
+  // replaced by dB[t] = dB/du t_u + dB/dv t_v; its derivative in rotation along s is y with B
+  // replaced by d2B/du dv * cross, cross = t_u s_v + t_v s_u (one number per group and tap,
+  // (N, Ho, Wo, G*Kh*Kw)). Each mode below is a mode above with the kernel weights so replaced.
+  kJvpRotationGradImage,   // (gy, [offset], rotation, weight, drotation) -> gx
+  kJvpRotationGradWeight,  // (gy, x, [offset], rotation, drotation)      -> gw
+  kHvpRotation,            // (x, [offset], rotation, weight, cross)      -> dy
+  kHvpRotationGradImage,   // (gy, [offset], rotation, weight, cross)     -> gx
+  kHvpRotationGradWeight,  // (gy, x, [offset], rotation, cross)          -> gw
+  kGradCrossRotation,      // (gy, x, [offset], rotation, weight)         -> gcross
   kCols,              // (x, [offset], rotation)                -> cols
   kColsGradImage,     // (gcols, [offset], rotation)            -> gx
   kColsJvpRotation,   // (x, [offset], rotation, drotation)     -> dcols
   kColsGradRotation,  // (gcols, x, [offset], rotation)         -> grotation
   kColsJvpOffset,     // (x, offset, rotation, doffset)         -> dcols
   kColsGradOffset,    // (gcols, x, offset, rotation)           -> goffset
+  kColsJvpRotationGradImage,  // (gcols, [offset], rotation, drotation) -> gx
+  kColsHvpRotation,           // (x, [offset], rotation, cross)         -> dcols
+  kColsHvpRotationGradImage,  // (gcols, [offset], rotation, cross)     -> gx
+  kColsGradCrossRotation,     // (gcols, x, [offset], rotation)         -> gcross
 };
 
 DK_HD constexpr bool is_cols(Mode m) { return int(m) >= int(Mode::kCols); }
+
+// The first-order mode whose loop a mode runs (itself for the first-order modes).
+DK_HD constexpr Mode loop_of(Mode m) {
+  return (m == Mode::kJvpRotationGradImage || m == Mode::kHvpRotationGradImage) ? Mode::kGradImage
+         : (m == Mode::kJvpRotationGradWeight || m == Mode::kHvpRotationGradWeight)
+             ? Mode::kGradWeight
+         : m == Mode::kHvpRotation ? Mode::kForward
+         : (m == Mode::kColsJvpRotationGradImage || m == Mode::kColsHvpRotationGradImage)
+             ? Mode::kColsGradImage
+         : m == Mode::kColsHvpRotation ? Mode::kCols
+                                       : m;
+}
+
+// Which kernel weights the loop of a mode uses: 0 the bilinear weights, 1 their derivative
+// along the rotation tangent, 2 their cross second derivative times the cross tangent.
+DK_HD constexpr int kernel_order(Mode m) {
+  return (m == Mode::kJvpRotationGradImage || m == Mode::kJvpRotationGradWeight ||
+          m == Mode::kColsJvpRotationGradImage)
+             ? 1
+         : (m == Mode::kHvpRotation || m == Mode::kHvpRotationGradImage ||
+            m == Mode::kHvpRotationGradWeight || m == Mode::kColsHvpRotation ||
+            m == Mode::kColsHvpRotationGradImage)
+             ? 2
+             : 0;
+}
+
+DK_HD constexpr bool is_grad_cross(Mode m) {
+  return m == Mode::kGradCrossRotation || m == Mode::kColsGradCrossRotation;
+}
+
+// Replaces a kernel footprint's weights by those the loop of mode M uses (kernel_order):
+// along the rotation tangent (u, v) = tan[2 gt], tan[2 gt + 1], or the cross second derivative
+// times the cross tangent tan[gt]; gt = g * taps + tap, tan the location's tangent.
+template <Mode M, typename T, typename F>
+DK_HD void use_order_weights(Footprint<F>& kf, const T* tan, int64_t gt) {
+  if constexpr (kernel_order(M) == 1) {
+    const F tu = widen(tan[2 * gt]), tv = widen(tan[2 * gt + 1]);
+    for (int k = 0; k < 4; ++k) kf.w[k] = position_tangent(kf.dwdu[k], kf.dwdv[k], tu, tv);
+  } else if constexpr (kernel_order(M) == 2) {
+    const F cross = widen(tan[gt]);
+    for (int k = 0; k < 4; ++k) kf.w[k] = kf.duv[k] * cross;
+  }
+}
+
+// Elements of a location's tangent operand: rotation tangents (G*taps*2), cross tangents
+// (G*taps) or offset tangents (taps*2).
+DK_HD constexpr int64_t tangent_stride(Mode m, int64_t G, int64_t taps) {
+  return kernel_order(m) == 2                                              ? G * taps
+         : (m == Mode::kJvpOffset || m == Mode::kColsJvpOffset)           ? taps * 2
+                                                                          : G * taps * 2;
+}
+
 // Columns modes whose result is columns (accumulated per location, scope row by scope row).
 DK_HD constexpr bool writes_cols(Mode m) {
-  return m == Mode::kCols || m == Mode::kColsJvpRotation || m == Mode::kColsJvpOffset;
+  return loop_of(m) == Mode::kCols || m == Mode::kColsJvpRotation || m == Mode::kColsJvpOffset;
 }
 
 // Arguments always come in the order cot, x, offset, rotation, weight, tangent; each mode takes
 // the subset below (offset only for the deformable ops).
 DK_HD constexpr bool takes_cot(Mode m) {
-  return m == Mode::kGradImage || m == Mode::kGradWeight || m == Mode::kGradRotation ||
-         m == Mode::kGradOffset || m == Mode::kColsGradImage || m == Mode::kColsGradRotation ||
+  return loop_of(m) == Mode::kGradImage || loop_of(m) == Mode::kGradWeight ||
+         m == Mode::kGradRotation || m == Mode::kGradOffset || is_grad_cross(m) ||
+         loop_of(m) == Mode::kColsGradImage || m == Mode::kColsGradRotation ||
          m == Mode::kColsGradOffset;
 }
-DK_HD constexpr bool takes_x(Mode m) { return m != Mode::kGradImage && m != Mode::kColsGradImage; }
-DK_HD constexpr bool takes_weight(Mode m) { return m != Mode::kGradWeight && !is_cols(m); }
+DK_HD constexpr bool takes_x(Mode m) {
+  return loop_of(m) != Mode::kGradImage && loop_of(m) != Mode::kColsGradImage;
+}
+DK_HD constexpr bool takes_weight(Mode m) {
+  return loop_of(m) != Mode::kGradWeight && !is_cols(m);
+}
 DK_HD constexpr bool takes_tangent(Mode m) {
   return m == Mode::kJvpRotation || m == Mode::kJvpOffset || m == Mode::kColsJvpRotation ||
-         m == Mode::kColsJvpOffset;
+         m == Mode::kColsJvpOffset || kernel_order(m) > 0;
 }
 
 template <typename T>
@@ -76,6 +147,8 @@ inline ffi::Error invalid(const std::string& what) {
 template <typename F>
 ffi::Error dispatch_float(ffi::DataType dtype, F&& f) {
   switch (dtype) {
+    case ffi::DataType::F64:
+      return f(double{});
     case ffi::DataType::F32:
       return f(float{});
     case ffi::DataType::BF16:
@@ -83,7 +156,8 @@ ffi::Error dispatch_float(ffi::DataType dtype, F&& f) {
     case ffi::DataType::F16:
       return f(f16{});
     default:
-      return invalid("unsupported element type; expected float32, bfloat16 or float16");
+      return invalid(
+          "unsupported element type; expected float64, float32, bfloat16 or float16");
   }
 }
 

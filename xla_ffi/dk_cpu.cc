@@ -76,12 +76,14 @@ inline std::pair<int64_t, int64_t> chunk_range(int64_t n, int64_t k, int64_t c) 
 // ------------------------------------------------------------------------------------------
 // Depthwise family: one output row (n, i) at a time.
 
+// F is the accumulator type of the element type (acc_t<T>).
+template <typename F>
 struct RowScratch {
-  std::vector<float> acc;   // C: per-location accumulators (forward, JVPs)
-  std::vector<float> sink;  // C: write target of absent corners in the scattering modes
-  // Sh*Sw*C float accumulators: of the current row (kGradWeight) or location (columns).
-  float* grad_weight = nullptr;
-  float* grad_image = nullptr;   // H*W*C float accumulators of sample n (kGradImage)
+  std::vector<F> acc;   // C: per-location accumulators (forward, JVPs)
+  std::vector<F> sink;  // C: write target of absent corners in the scattering modes
+  // Sh*Sw*C accumulators: of the current row (kGradWeight) or location (columns).
+  F* grad_weight = nullptr;
+  F* grad_image = nullptr;   // H*W*C accumulators of sample n (kGradImage)
 };
 
 // One output row (n, i) of any depthwise or columns mode. The columns modes run the depthwise
@@ -92,16 +94,20 @@ struct RowScratch {
 // and the two columns JVPs scatter the tangent of beta_s (rotation) or of the image (offset).
 template <Mode M, bool kDeform, bool kUnitStride, typename T>
 void dk_row(const Problem& p, const Operands<T>& A, const T* zero_row, int64_t n, int64_t i,
-            RowScratch& s) {
+            RowScratch<acc_t<T>>& s) {
+  using F = acc_t<T>;
   constexpr int NI = kDeform ? 4 : 1;  // corners of an image read
   constexpr bool kCols = is_cols(M);
-  constexpr bool kScatterKernel = M == Mode::kGradWeight || writes_cols(M);
+  // The loop this mode runs; second-order modes run a first-order loop with other kernel
+  // weights (kernel_order).
+  constexpr Mode L = loop_of(M);
+  constexpr bool kScatterKernel = L == Mode::kGradWeight || writes_cols(M);
   const int64_t C = p.C, G = kUnitStride ? 1 : p.G, taps = p.taps();
   const int64_t S = p.scope();
   const T* x_n = A.x ? A.x + n * p.H * p.W * C : nullptr;
   const T* w_n = A.weight ? A.weight + (p.Nw == 1 ? 0 : n) * S * C : nullptr;
-  float* acc = s.acc.data();
-  float* sink = s.sink.data();
+  F* acc = s.acc.data();
+  F* sink = s.sink.data();
 
   for (int64_t j = 0; j < p.Wo; ++j) {
     const int64_t loc = (n * p.Ho + i) * p.Wo + j;
@@ -110,108 +116,114 @@ void dk_row(const Problem& p, const Operands<T>& A, const T* zero_row, int64_t n
     // Depthwise modes read the cotangent per channel; columns modes read it as kernel rows.
     const T* gy = takes_cot(M) && !kCols ? A.cot + loc * C : nullptr;
     if (kCols && takes_cot(M)) w_n = A.cot + loc * S * C;
-    auto cot = [&](int64_t c) { return kCols ? 1.f : to_float(gy[c]); };
+    auto cot = [&](int64_t c) { return kCols ? F(1) : widen(gy[c]); };
     const T* tan = nullptr;
-    if (M == Mode::kJvpRotation || M == Mode::kColsJvpRotation) tan = A.tangent + loc * G * taps * 2;
-    if (M == Mode::kJvpOffset || M == Mode::kColsJvpOffset) tan = A.tangent + loc * taps * 2;
-    if (M == Mode::kForward || M == Mode::kJvpRotation || M == Mode::kJvpOffset) {
-      std::fill(acc, acc + C, 0.f);
+    if (takes_tangent(M)) tan = A.tangent + loc * tangent_stride(M, G, taps);
+    if (L == Mode::kForward || M == Mode::kJvpRotation || M == Mode::kJvpOffset) {
+      std::fill(acc, acc + C, F(0));
     }
-    if (writes_cols(M)) std::fill(s.grad_weight, s.grad_weight + S * C, 0.f);
+    if (writes_cols(M)) std::fill(s.grad_weight, s.grad_weight + S * C, F(0));
 
     for (int64_t a = 0; a < p.Kh; ++a) {
       for (int64_t b = 0; b < p.Kw; ++b) {
         const int64_t tap = a * p.Kw + b;
-        const Footprint img = image_footprint<kDeform>(p, off, i, j, a, b);
+        const auto img = image_footprint<kDeform>(p, off, i, j, a, b);
         const T* xr[4];
-        float* gxr[4];
+        F* gxr[4];
         for (int k = 0; k < NI; ++k) {
           const bool in = img.index[k] >= 0;
           xr[k] = (x_n && in) ? x_n + img.index[k] * C : zero_row;
-          gxr[k] = ((M == Mode::kGradImage || M == Mode::kColsGradImage) && in)
+          gxr[k] = ((L == Mode::kGradImage || L == Mode::kColsGradImage) && in)
                        ? s.grad_image + img.index[k] * C
                        : sink;
         }
-        float off_t[2] = {0.f, 0.f};
+        F off_t[2] = {F(0), F(0)};
         if (M == Mode::kJvpOffset || M == Mode::kColsJvpOffset) {
-          off_t[0] = to_float(tan[2 * tap]), off_t[1] = to_float(tan[2 * tap + 1]);
+          off_t[0] = widen(tan[2 * tap]), off_t[1] = widen(tan[2 * tap + 1]);
         }
-        float goff[2] = {0.f, 0.f};
+        F goff[2] = {F(0), F(0)};
 
         for (int64_t g = 0; g < G; ++g) {
           const int64_t r = (g * taps + tap) * 2;
-          const Footprint kf = kernel_footprint(p, rot, a, b, g);
+          auto kf = kernel_footprint(p, rot, a, b, g);
+          use_order_weights<M>(kf, tan, r / 2);
           const T* wr[4];
-          float* gwr[4];
+          F* gwr[4];
           for (int k = 0; k < 4; ++k) {
             const bool in = kf.index[k] >= 0;
             wr[k] = (w_n && in) ? w_n + kf.index[k] * C : zero_row;
             gwr[k] = (kScatterKernel && in) ? s.grad_weight + kf.index[k] * C : sink;
           }
           const int64_t c0 = kUnitStride ? 0 : g;
-          if (M == Mode::kForward) {
+          if (L == Mode::kForward) {
 #pragma GCC ivdep
             for (int64_t c = c0; c < C; c += G) {
               acc[c] += tap_product(blend<NI>(img.w, xr, c), blend<4>(kf.w, wr, c));
             }
-          } else if (M == Mode::kGradImage || M == Mode::kColsGradImage) {
+          } else if (L == Mode::kGradImage || L == Mode::kColsGradImage) {
 #pragma GCC ivdep
             for (int64_t c = c0; c < C; c += G) {
-              const float d = cot(c) * blend<4>(kf.w, wr, c);
+              const F d = cot(c) * blend<4>(kf.w, wr, c);
               for (int k = 0; k < NI; ++k) gxr[k][c] += img.w[k] * d;
             }
-          } else if (M == Mode::kGradWeight || M == Mode::kCols) {
+          } else if (L == Mode::kGradWeight || L == Mode::kCols) {
 #pragma GCC ivdep
             for (int64_t c = c0; c < C; c += G) {
-              const float d = cot(c) * blend<NI>(img.w, xr, c);
+              const F d = cot(c) * blend<NI>(img.w, xr, c);
               for (int k = 0; k < 4; ++k) gwr[k][c] += kf.w[k] * d;
             }
           } else if (M == Mode::kColsJvpRotation) {
-            float dw[4];
+            F dw[4];
             for (int k = 0; k < 4; ++k) {
-              dw[k] = position_tangent(kf.dwdu[k], kf.dwdv[k], to_float(tan[r]), to_float(tan[r + 1]));
+              dw[k] = position_tangent(kf.dwdu[k], kf.dwdv[k], widen(tan[r]), widen(tan[r + 1]));
             }
 #pragma GCC ivdep
             for (int64_t c = c0; c < C; c += G) {
-              const float d = blend<NI>(img.w, xr, c);
+              const F d = blend<NI>(img.w, xr, c);
               for (int k = 0; k < 4; ++k) gwr[k][c] += dw[k] * d;
             }
           } else if (M == Mode::kColsJvpOffset) {
 #pragma GCC ivdep
             for (int64_t c = c0; c < C; c += G) {
-              const float d = position_tangent(blend<NI>(img.dwdu, xr, c),
+              const F d = position_tangent(blend<NI>(img.dwdu, xr, c),
                                                blend<NI>(img.dwdv, xr, c), off_t[0], off_t[1]);
               for (int k = 0; k < 4; ++k) gwr[k][c] += kf.w[k] * d;
             }
           } else if (M == Mode::kJvpRotation) {
-            const float tu = to_float(tan[r]), tv = to_float(tan[r + 1]);
+            const F tu = widen(tan[r]), tv = widen(tan[r + 1]);
 #pragma GCC ivdep
             for (int64_t c = c0; c < C; c += G) {
-              const float dk = position_tangent(blend<4>(kf.dwdu, wr, c),
+              const F dk = position_tangent(blend<4>(kf.dwdu, wr, c),
                                                 blend<4>(kf.dwdv, wr, c), tu, tv);
               acc[c] += tap_product(blend<NI>(img.w, xr, c), dk);
             }
           } else if (M == Mode::kGradRotation || M == Mode::kColsGradRotation) {
-            float su = 0.f, sv = 0.f;
+            F su = F(0), sv = F(0);
             for (int64_t c = c0; c < C; c += G) {
-              const float d = cot(c) * blend<NI>(img.w, xr, c);
+              const F d = cot(c) * blend<NI>(img.w, xr, c);
               su += d * blend<4>(kf.dwdu, wr, c);
               sv += d * blend<4>(kf.dwdv, wr, c);
             }
             T* o = A.out + loc * G * taps * 2 + r;
-            o[0] = from_float<T>(su);
-            o[1] = from_float<T>(sv);
+            o[0] = narrow<T>(su);
+            o[1] = narrow<T>(sv);
+          } else if (is_grad_cross(M)) {
+            F sc = F(0);
+            for (int64_t c = c0; c < C; c += G) {
+              sc += cot(c) * blend<NI>(img.w, xr, c) * blend<4>(kf.duv, wr, c);
+            }
+            A.out[loc * G * taps + r / 2] = narrow<T>(sc);
           } else if (M == Mode::kJvpOffset) {
 #pragma GCC ivdep
             for (int64_t c = c0; c < C; c += G) {
-              const float dx = position_tangent(blend<NI>(img.dwdu, xr, c),
+              const F dx = position_tangent(blend<NI>(img.dwdu, xr, c),
                                                 blend<NI>(img.dwdv, xr, c), off_t[0], off_t[1]);
               acc[c] += tap_product(dx, blend<4>(kf.w, wr, c));
             }
           } else if (M == Mode::kGradOffset || M == Mode::kColsGradOffset) {
-            float su = 0.f, sv = 0.f;
+            F su = F(0), sv = F(0);
             for (int64_t c = c0; c < C; c += G) {
-              const float d = cot(c) * blend<4>(kf.w, wr, c);
+              const F d = cot(c) * blend<4>(kf.w, wr, c);
               su += d * blend<NI>(img.dwdu, xr, c);
               sv += d * blend<NI>(img.dwdv, xr, c);
             }
@@ -221,18 +233,18 @@ void dk_row(const Problem& p, const Operands<T>& A, const T* zero_row, int64_t n
         }
         if (M == Mode::kGradOffset || M == Mode::kColsGradOffset) {
           T* o = A.out + loc * taps * 2 + 2 * tap;
-          o[0] = from_float<T>(goff[0]);
-          o[1] = from_float<T>(goff[1]);
+          o[0] = narrow<T>(goff[0]);
+          o[1] = narrow<T>(goff[1]);
         }
       }
     }
-    if (M == Mode::kForward || M == Mode::kJvpRotation || M == Mode::kJvpOffset) {
+    if (L == Mode::kForward || M == Mode::kJvpRotation || M == Mode::kJvpOffset) {
       T* o = A.out + loc * C;
-      for (int64_t c = 0; c < C; ++c) o[c] = from_float<T>(acc[c]);
+      for (int64_t c = 0; c < C; ++c) o[c] = narrow<T>(acc[c]);
     }
     if (writes_cols(M)) {
       T* o = A.out + loc * S * C;
-      for (int64_t e = 0; e < S * C; ++e) o[e] = from_float<T>(s.grad_weight[e]);
+      for (int64_t e = 0; e < S * C; ++e) o[e] = narrow<T>(s.grad_weight[e]);
     }
   }
 }
@@ -272,25 +284,26 @@ inline void forward_block(const float* const* rows, const float* weights, int64_
   std::memcpy(out + c0, acc, sizeof acc);
 }
 
-// Any type: kBlock channels whose float accumulators the compiler vectorises (bf16, f16, and
+// Any type: kBlock channels whose accumulators the compiler vectorises (bf16, f16, float64 and
 // the float remainder with kBlock = 1).
-template <int64_t kBlock, int NI, int NR, typename T>
-inline void forward_channels(const T* const* rows, const float* weights, int64_t taps,
+template <int64_t kBlock, int NI, int NR, typename T, typename F>
+inline void forward_channels(const T* const* rows, const F* weights, int64_t taps,
                              int64_t c0, T* out) {
-  float acc[kBlock] = {};
+  F acc[kBlock] = {};
   for (int64_t tap = 0; tap < taps; ++tap) {
     const T* const* tr = rows + tap * NR;
-    const float* tw = weights + tap * NR;
+    const F* tw = weights + tap * NR;
     for (int64_t c = 0; c < kBlock; ++c) {
       acc[c] += tap_product(blend<NI>(tw, tr, c0 + c), blend<4>(tw + NI, tr + NI, c0 + c));
     }
   }
-  for (int64_t c = 0; c < kBlock; ++c) out[c0 + c] = from_float<T>(acc[c]);
+  for (int64_t c = 0; c < kBlock; ++c) out[c0 + c] = narrow<T>(acc[c]);
 }
 
 template <bool kDeform, typename T>
 void forward_row_one_group(const Problem& p, const Operands<T>& A, const T* zero_row, int64_t n,
-                           int64_t i, std::vector<const T*>& rows, std::vector<float>& weights) {
+                           int64_t i, std::vector<const T*>& rows,
+                           std::vector<acc_t<T>>& weights) {
   constexpr int NI = kDeform ? 4 : 1;
   constexpr int NR = NI + 4;  // image corners, then kernel corners
   const int64_t C = p.C, taps = p.taps();
@@ -303,11 +316,11 @@ void forward_row_one_group(const Problem& p, const Operands<T>& A, const T* zero
     const T* rot = A.rotation + loc * taps * 2;
     const T* off = kDeform ? A.offset + loc * taps * 2 : nullptr;
     const T** r = rows.data();
-    float* w = weights.data();
+    acc_t<T>* w = weights.data();
     for (int64_t a = 0; a < p.Kh; ++a) {
       for (int64_t b = 0; b < p.Kw; ++b, r += NR, w += NR) {
-        const Footprint img = image_footprint<kDeform>(p, off, i, j, a, b);
-        const Footprint kf = kernel_footprint(p, rot, a, b, 0);
+        const auto img = image_footprint<kDeform>(p, off, i, j, a, b);
+        const auto kf = kernel_footprint(p, rot, a, b, 0);
         for (int k = 0; k < NI; ++k) {
           r[k] = img.index[k] >= 0 ? x_n + img.index[k] * C : zero_row;
           w[k] = img.w[k];
@@ -330,57 +343,61 @@ void forward_row_one_group(const Problem& p, const Operands<T>& A, const T* zero
 }
 
 template <typename T>
-void store(const float* src, T* dst, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) dst[k] = from_float<T>(src[k]);
+void store(const acc_t<T>* src, T* dst, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = narrow<T>(src[k]);
 }
 
 template <Mode M, bool kDeform, bool kUnitStride, typename T>
 void dk_run(ffi::ThreadPool* pool, const Problem& p, const Operands<T>& A) {
+  using F = acc_t<T>;
+  // T is its own accumulator type (float32, float64): scatter straight into the output.
+  constexpr bool kOwnAcc = std::is_same<T, F>::value;
   const int64_t C = p.C, S = p.scope();
   const int64_t workers = thread_budget(pool);
-  const std::vector<T> zero_row(size_t(std::max<int64_t>(C, 1)), from_float<T>(0.f));
+  const std::vector<T> zero_row(size_t(std::max<int64_t>(C, 1)), narrow<T>(0.f));
   auto make_scratch = [&]() {
-    RowScratch s;
-    s.acc.assign(size_t(C), 0.f);
-    s.sink.assign(size_t(C), 0.f);
+    RowScratch<F> s;
+    s.acc.assign(size_t(C), F(0));
+    s.sink.assign(size_t(C), F(0));
     return s;
   };
 
-  if (M == Mode::kGradImage || M == Mode::kColsGradImage) {
+  constexpr Mode L = loop_of(M);
+  if (L == Mode::kGradImage || L == Mode::kColsGradImage) {
     // Image gradients scatter: split by sample so no two threads write the same element.
     const int64_t image = p.H * p.W * C;
-    std::vector<float> tmp;
-    float* gx = reinterpret_cast<float*>(A.out);
-    if (!std::is_same<T, float>::value) {
-      tmp.assign(size_t(p.N * image), 0.f);
+    std::vector<F> tmp;
+    F* gx = reinterpret_cast<F*>(A.out);
+    if (!kOwnAcc) {
+      tmp.assign(size_t(p.N * image), F(0));
       gx = tmp.data();
     } else {
-      std::fill(gx, gx + p.N * image, 0.f);
+      std::fill(gx, gx + p.N * image, F(0));
     }
     parallel_for(pool, workers, p.N, [&](int64_t n) {
       RowScratch s = make_scratch();
       s.grad_image = gx + n * image;
       for (int64_t i = 0; i < p.Ho; ++i) dk_row<M, kDeform, kUnitStride>(p, A, zero_row.data(), n, i, s);
     });
-    if (!std::is_same<T, float>::value) store(gx, A.out, p.N * image);
+    if (!kOwnAcc) store(gx, A.out, p.N * image);
     return;
   }
 
-  if (M == Mode::kGradWeight) {
-    // Weight gradients reduce over every location: each chunk sums its rows in float, folds
+  if (L == Mode::kGradWeight) {
+    // Weight gradients reduce over every location: each chunk sums its rows in F, folds
     // each row into double totals, and the totals are reduced once at the end.
     const bool shared = p.Nw == 1;
     const int64_t n_chunks = shared ? std::min<int64_t>(workers, p.N * p.Ho) : p.N;
     std::vector<double> totals(size_t(std::max<int64_t>(n_chunks, 1) * S * C), 0.0);
     parallel_for(pool, workers, n_chunks, [&](int64_t chunk) {
       RowScratch s = make_scratch();
-      std::vector<float> row(size_t(S * C));
+      std::vector<F> row(size_t(S * C));
       s.grad_weight = row.data();
       double* total = totals.data() + chunk * S * C;
       auto [r0, r1] = shared ? chunk_range(p.N * p.Ho, n_chunks, chunk)
                              : std::pair<int64_t, int64_t>{chunk * p.Ho, (chunk + 1) * p.Ho};
       for (int64_t r = r0; r < r1; ++r) {
-        std::fill(row.begin(), row.end(), 0.f);
+        std::fill(row.begin(), row.end(), F(0));
         dk_row<M, kDeform, kUnitStride>(p, A, zero_row.data(), r / p.Ho, r % p.Ho, s);
         for (int64_t k = 0; k < S * C; ++k) total[k] += row[k];
       }
@@ -389,9 +406,9 @@ void dk_run(ffi::ThreadPool* pool, const Problem& p, const Operands<T>& A) {
       for (int64_t chunk = 1; chunk < n_chunks; ++chunk) {
         for (int64_t k = 0; k < S * C; ++k) totals[k] += totals[chunk * S * C + k];
       }
-      for (int64_t k = 0; k < S * C; ++k) A.out[k] = from_float<T>(float(totals[k]));
+      for (int64_t k = 0; k < S * C; ++k) A.out[k] = narrow<T>(F(totals[k]));
     } else {
-      for (int64_t k = 0; k < p.N * S * C; ++k) A.out[k] = from_float<T>(float(totals[k]));
+      for (int64_t k = 0; k < p.N * S * C; ++k) A.out[k] = narrow<T>(F(totals[k]));
     }
     return;
   }
@@ -401,10 +418,10 @@ void dk_run(ffi::ThreadPool* pool, const Problem& p, const Operands<T>& A) {
   const int64_t n_chunks = std::min<int64_t>(rows, workers * 4);
   parallel_for(pool, workers, n_chunks, [&](int64_t chunk) {
     RowScratch s = make_scratch();
-    std::vector<float> cols(writes_cols(M) ? size_t(S * C) : 0);
+    std::vector<F> cols(writes_cols(M) ? size_t(S * C) : 0);
     s.grad_weight = cols.data();
     std::vector<const T*> tap_rows;
-    std::vector<float> tap_weights;
+    std::vector<F> tap_weights;
     auto [r0, r1] = chunk_range(rows, n_chunks, chunk);
     for (int64_t r = r0; r < r1; ++r) {
       if (M == Mode::kForward && kUnitStride) {
@@ -443,77 +460,78 @@ template <NdMode M, typename T>
 ffi::Error nd_run(ffi::ThreadPool* pool, const NdProblem& p, const T* lhs, const T* coord,
                   const T* tangent, T* out) {
   // lhs is data (forward, JVP, grad coord: gout is `tangent` there) or gout (grad data).
+  using F = acc_t<T>;
   const int64_t C = p.C, V = p.spatial(), D = p.dims;
   const int64_t workers = thread_budget(pool);
   const int64_t points = p.Nb * p.M;
   if (M == NdMode::kGradData) {
     // Scatter into data: split by (batch, channel block) so writes never collide.
-    std::vector<float> tmp;
-    float* gd = reinterpret_cast<float*>(out);
-    if (!std::is_same<T, float>::value) {
-      tmp.assign(size_t(p.Nb * V * C), 0.f);
+    std::vector<F> tmp;
+    F* gd = reinterpret_cast<F*>(out);
+    if (!std::is_same<T, F>::value) {
+      tmp.assign(size_t(p.Nb * V * C), F(0));
       gd = tmp.data();
     } else {
-      std::fill(gd, gd + p.Nb * V * C, 0.f);
+      std::fill(gd, gd + p.Nb * V * C, F(0));
     }
     const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(C / 16, (workers + p.Nb - 1) / std::max<int64_t>(p.Nb, 1)));
     parallel_for(pool, workers, p.Nb * blocks, [&](int64_t chunk) {
       const int64_t nb = chunk / blocks;
       auto [c0, c1] = chunk_range(C, blocks, chunk % blocks);
-      float* g = gd + nb * V * C;
+      F* g = gd + nb * V * C;
       for (int64_t m = 0; m < p.M; ++m) {
         const int64_t point = nb * p.M + m;
-        const NdFootprint f = nd_point_footprint(p, coord, point);
+        const auto f = nd_point_footprint(p, coord, point);
         const T* go = lhs + point * C;
         for (int k = 0; k < nd_corner_count(f); ++k) {
           const int64_t idx = nd_corner_index(f, k, p.shape);
           if (idx < 0) continue;
-          const float w = nd_corner_weight(f, k, -1);
-          float* row = g + idx * C;
-          for (int64_t c = c0; c < c1; ++c) row[c] += w * to_float(go[c]);
+          const F w = nd_corner_weight(f, k, -1);
+          F* row = g + idx * C;
+          for (int64_t c = c0; c < c1; ++c) row[c] += w * widen(go[c]);
         }
       }
     });
-    if (!std::is_same<T, float>::value) store(gd, out, p.Nb * V * C);
+    if (!std::is_same<T, F>::value) store(gd, out, p.Nb * V * C);
     return ffi::Error::Success();
   }
   const int64_t n_chunks = std::min<int64_t>(points, workers * 4);
   parallel_for(pool, workers, n_chunks, [&](int64_t chunk) {
-    std::vector<float> acc(size_t(std::max<int64_t>(C, 1)));
+    std::vector<F> acc(size_t(std::max<int64_t>(C, 1)));
     auto [q0, q1] = chunk_range(points, n_chunks, chunk);
     for (int64_t point = q0; point < q1; ++point) {
       const int64_t nb = point / p.M;
-      const NdFootprint f = nd_point_footprint(p, coord, point);
+      const auto f = nd_point_footprint(p, coord, point);
       const T* data = lhs + nb * V * C;
       if (M == NdMode::kGradCoord) {
         const T* go = tangent + point * C;
         for (int64_t e = 0; e < D; ++e) {
-          float s = 0.f;
+          F s = F(0);
           for (int k = 0; k < nd_corner_count(f); ++k) {
             const int64_t idx = nd_corner_index(f, k, p.shape);
             if (idx < 0) continue;
-            const float w = nd_corner_weight(f, k, int(e));
+            const F w = nd_corner_weight(f, k, int(e));
             const T* row = data + idx * C;
-            for (int64_t c = 0; c < C; ++c) s += to_float(go[c]) * w * to_float(row[c]);
+            for (int64_t c = 0; c < C; ++c) s += widen(go[c]) * w * widen(row[c]);
           }
-          out[point * D + e] = from_float<T>(s);
+          out[point * D + e] = narrow<T>(s);
         }
         continue;
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(acc.begin(), acc.end(), F(0));
       for (int k = 0; k < nd_corner_count(f); ++k) {
         const int64_t idx = nd_corner_index(f, k, p.shape);
         if (idx < 0) continue;
-        float w = 0.f;
+        F w = F(0);
         if (M == NdMode::kForward) {
           w = nd_corner_weight(f, k, -1);
         } else {
           for (int64_t e = 0; e < D; ++e) {
-            w += nd_corner_weight(f, k, int(e)) * to_float(tangent[point * D + e]);
+            w += nd_corner_weight(f, k, int(e)) * widen(tangent[point * D + e]);
           }
         }
         const T* row = data + idx * C;
-        for (int64_t c = 0; c < C; ++c) acc[c] += w * to_float(row[c]);
+        for (int64_t c = 0; c < C; ++c) acc[c] += w * widen(row[c]);
       }
       store(acc.data(), out + point * C, C);
     }
@@ -583,6 +601,18 @@ DK_CPU_HANDLER(dk_deform_jvp_rotation_cpu, kJvpRotation, true)
 DK_CPU_HANDLER(dk_deform_grad_rotation_cpu, kGradRotation, true)
 DK_CPU_HANDLER(dk_deform_jvp_offset_cpu, kJvpOffset, true)
 DK_CPU_HANDLER(dk_deform_grad_offset_cpu, kGradOffset, true)
+DK_CPU_HANDLER(dk_sample_jvp_rotation_grad_image_cpu, kJvpRotationGradImage, false)
+DK_CPU_HANDLER(dk_sample_jvp_rotation_grad_weight_cpu, kJvpRotationGradWeight, false)
+DK_CPU_HANDLER(dk_sample_hvp_rotation_cpu, kHvpRotation, false)
+DK_CPU_HANDLER(dk_sample_hvp_rotation_grad_image_cpu, kHvpRotationGradImage, false)
+DK_CPU_HANDLER(dk_sample_hvp_rotation_grad_weight_cpu, kHvpRotationGradWeight, false)
+DK_CPU_HANDLER(dk_sample_grad_cross_rotation_cpu, kGradCrossRotation, false)
+DK_CPU_HANDLER(dk_deform_jvp_rotation_grad_image_cpu, kJvpRotationGradImage, true)
+DK_CPU_HANDLER(dk_deform_jvp_rotation_grad_weight_cpu, kJvpRotationGradWeight, true)
+DK_CPU_HANDLER(dk_deform_hvp_rotation_cpu, kHvpRotation, true)
+DK_CPU_HANDLER(dk_deform_hvp_rotation_grad_image_cpu, kHvpRotationGradImage, true)
+DK_CPU_HANDLER(dk_deform_hvp_rotation_grad_weight_cpu, kHvpRotationGradWeight, true)
+DK_CPU_HANDLER(dk_deform_grad_cross_rotation_cpu, kGradCrossRotation, true)
 DK_CPU_HANDLER(dk_sample_cols_forward_cpu, kCols, false)
 DK_CPU_HANDLER(dk_sample_cols_grad_image_cpu, kColsGradImage, false)
 DK_CPU_HANDLER(dk_sample_cols_jvp_rotation_cpu, kColsJvpRotation, false)
@@ -593,6 +623,14 @@ DK_CPU_HANDLER(dk_deform_cols_jvp_rotation_cpu, kColsJvpRotation, true)
 DK_CPU_HANDLER(dk_deform_cols_grad_rotation_cpu, kColsGradRotation, true)
 DK_CPU_HANDLER(dk_deform_cols_jvp_offset_cpu, kColsJvpOffset, true)
 DK_CPU_HANDLER(dk_deform_cols_grad_offset_cpu, kColsGradOffset, true)
+DK_CPU_HANDLER(dk_sample_cols_jvp_rotation_grad_image_cpu, kColsJvpRotationGradImage, false)
+DK_CPU_HANDLER(dk_sample_cols_hvp_rotation_cpu, kColsHvpRotation, false)
+DK_CPU_HANDLER(dk_sample_cols_hvp_rotation_grad_image_cpu, kColsHvpRotationGradImage, false)
+DK_CPU_HANDLER(dk_sample_cols_grad_cross_rotation_cpu, kColsGradCrossRotation, false)
+DK_CPU_HANDLER(dk_deform_cols_jvp_rotation_grad_image_cpu, kColsJvpRotationGradImage, true)
+DK_CPU_HANDLER(dk_deform_cols_hvp_rotation_cpu, kColsHvpRotation, true)
+DK_CPU_HANDLER(dk_deform_cols_hvp_rotation_grad_image_cpu, kColsHvpRotationGradImage, true)
+DK_CPU_HANDLER(dk_deform_cols_grad_cross_rotation_cpu, kColsGradCrossRotation, true)
 
 #define DK_ND_CPU_HANDLER(name, mode)                                                          \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                               \

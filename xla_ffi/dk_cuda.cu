@@ -5,11 +5,11 @@
 //    memory and read by every channel of their rotation group;
 //  - weight gradient: blocks over (tile of locations, channel chunk) accumulate in shared memory,
 //    each thread owning its channel's column, write one partial per tile, and a second kernel
-//    sums the partials in a fixed order: deterministic, no float atomics;
+//    sums the partials in a fixed order: deterministic, no floating-point atomics;
 //  - rotation / offset / coordinate gradients: one thread per output element, summing over
 //    channels: deterministic, no atomics;
-//  - image and nd data gradients scatter with float atomicAdd into a float32 buffer (these are
-//    the only non-deterministic sums).
+//  - image and nd data gradients scatter with atomicAdd into a buffer of the accumulator type,
+//    float32 or float64 (these are the only non-deterministic sums).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -45,7 +45,7 @@ inline int channel_threads(int64_t C) {
 // footprints, then (with_kernels) taps * G kernel footprints, group-major.
 template <bool kDeform, typename T>
 __device__ void fill_location_table(const Problem& p, const T* rotation, const T* offset,
-                                    int64_t loc, Footprint* table, bool with_kernels) {
+                                    int64_t loc, Footprint<acc_t<T>>* table, bool with_kernels) {
   const int64_t taps = p.taps();
   const int64_t j = loc % p.Wo, i = (loc / p.Wo) % p.Ho;
   const T* rot = rotation + loc * p.G * taps * 2;
@@ -63,10 +63,11 @@ __device__ void fill_location_table(const Problem& p, const T* rotation, const T
 
 // Forward, JVPs and the image gradient: one block per location.
 template <Mode M, bool kDeform, typename T>
-__global__ void location_kernel(Problem p, Operands<T> A, const T* zero_row, float* grad_image,
-                                bool kernel_table) {
+__global__ void location_kernel(Problem p, Operands<T> A, const T* zero_row,
+                                acc_t<T>* grad_image, bool kernel_table) {
+  using F = acc_t<T>;
   extern __shared__ unsigned char smem[];
-  Footprint* table = reinterpret_cast<Footprint*>(smem);
+  Footprint<F>* table = reinterpret_cast<Footprint<F>*>(smem);
   constexpr int NI = kDeform ? 4 : 1;
   const int64_t loc = blockIdx.x;
   const int64_t n = loc / (p.Ho * p.Wo);
@@ -77,36 +78,37 @@ __global__ void location_kernel(Problem p, Operands<T> A, const T* zero_row, flo
   // Columns modes read their "weight" rows from the location's columns of the cotangent.
   const T* w_n = is_cols(M) ? A.cot + loc * S * C : A.weight + (p.Nw == 1 ? 0 : n) * S * C;
   const T* rot = A.rotation + loc * p.G * taps * 2;
-  const T* tan = A.tangent ? A.tangent + loc * (M == Mode::kJvpRotation ? p.G : 1) * taps * 2
-                           : nullptr;
+  constexpr Mode L = loop_of(M);
+  const T* tan = takes_tangent(M) ? A.tangent + loc * tangent_stride(M, p.G, taps) : nullptr;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
     const int64_t g = c % p.G;
-    float acc = 0.f;
+    F acc = F(0);
     for (int64_t tap = 0; tap < taps; ++tap) {
-      const Footprint& img = table[tap];
-      const Footprint kf = kernel_table ? table[taps + g * taps + tap]
-                                        : kernel_footprint(p, rot, tap / p.Kw, tap % p.Kw, g);
+      const Footprint<F>& img = table[tap];
+      Footprint<F> kf = kernel_table ? table[taps + g * taps + tap]
+                                     : kernel_footprint(p, rot, tap / p.Kw, tap % p.Kw, g);
+      use_order_weights<M>(kf, tan, g * taps + tap);
       const T* xr[4];
       const T* wr[4];
       for (int k = 0; k < NI; ++k) {
         xr[k] = (x_n && img.index[k] >= 0) ? x_n + img.index[k] * C : zero_row;
       }
       for (int k = 0; k < 4; ++k) wr[k] = kf.index[k] >= 0 ? w_n + kf.index[k] * C : zero_row;
-      if (M == Mode::kForward) {
+      if (L == Mode::kForward) {
         acc += tap_product(blend<NI>(img.w, xr, c), blend<4>(kf.w, wr, c));
       } else if (M == Mode::kJvpRotation) {
         const int64_t r = (g * taps + tap) * 2;
-        const float dk = position_tangent(blend<4>(kf.dwdu, wr, c), blend<4>(kf.dwdv, wr, c),
-                                          to_float(tan[r]), to_float(tan[r + 1]));
+        const F dk = position_tangent(blend<4>(kf.dwdu, wr, c), blend<4>(kf.dwdv, wr, c),
+                                          widen(tan[r]), widen(tan[r + 1]));
         acc += tap_product(blend<NI>(img.w, xr, c), dk);
       } else if (M == Mode::kJvpOffset) {
-        const float dx =
+        const F dx =
             position_tangent(blend<NI>(img.dwdu, xr, c), blend<NI>(img.dwdv, xr, c),
-                             to_float(tan[2 * tap]), to_float(tan[2 * tap + 1]));
+                             widen(tan[2 * tap]), widen(tan[2 * tap + 1]));
         acc += tap_product(dx, blend<4>(kf.w, wr, c));
-      } else if (M == Mode::kGradImage || M == Mode::kColsGradImage) {
-        const float gy = is_cols(M) ? 1.f : to_float(A.cot[loc * C + c]);
-        const float d = gy * blend<4>(kf.w, wr, c);
+      } else if (L == Mode::kGradImage || L == Mode::kColsGradImage) {
+        const F gy = is_cols(M) ? F(1) : widen(A.cot[loc * C + c]);
+        const F d = gy * blend<4>(kf.w, wr, c);
         for (int k = 0; k < NI; ++k) {
           if (img.index[k] >= 0) {
             atomicAdd(grad_image + (n * p.H * p.W + img.index[k]) * C + c, img.w[k] * d);
@@ -114,7 +116,7 @@ __global__ void location_kernel(Problem p, Operands<T> A, const T* zero_row, flo
         }
       }
     }
-    if (M != Mode::kGradImage && M != Mode::kColsGradImage) A.out[loc * C + c] = from_float<T>(acc);
+    if (L != Mode::kGradImage && L != Mode::kColsGradImage) A.out[loc * C + c] = narrow<T>(acc);
   }
 }
 
@@ -123,41 +125,42 @@ __global__ void location_kernel(Problem p, Operands<T> A, const T* zero_row, flo
 // the scatter over a tap's four kernel corners needs no atomics.
 template <Mode M, bool kDeform, typename T>
 __global__ void cols_kernel(Problem p, Operands<T> A, const T* zero_row, bool kernel_table) {
+  using F = acc_t<T>;
   extern __shared__ unsigned char smem[];
-  Footprint* table = reinterpret_cast<Footprint*>(smem);
+  Footprint<F>* table = reinterpret_cast<Footprint<F>*>(smem);
   constexpr int NI = kDeform ? 4 : 1;
   const int64_t taps = p.taps(), C = p.C, S = p.scope();
-  float* column = reinterpret_cast<float*>(table + taps + (kernel_table ? taps * p.G : 0));
+  F* column = reinterpret_cast<F*>(table + taps + (kernel_table ? taps * p.G : 0));
   const int64_t loc = blockIdx.x;
   const int64_t n = loc / (p.Ho * p.Wo);
   fill_location_table<kDeform>(p, A.rotation, A.offset, loc, table, kernel_table);
   __syncthreads();
   const T* x_n = A.x + n * p.H * p.W * C;
   const T* rot = A.rotation + loc * p.G * taps * 2;
-  const T* tan = A.tangent ? A.tangent + loc * (M == Mode::kColsJvpRotation ? p.G : 1) * taps * 2
-                           : nullptr;
-  float* mine = column + threadIdx.x;
+  const T* tan = takes_tangent(M) ? A.tangent + loc * tangent_stride(M, p.G, taps) : nullptr;
+  F* mine = column + threadIdx.x;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
     const int64_t g = c % p.G;
-    for (int64_t s = 0; s < S; ++s) mine[s * blockDim.x] = 0.f;
+    for (int64_t s = 0; s < S; ++s) mine[s * blockDim.x] = F(0);
     for (int64_t tap = 0; tap < taps; ++tap) {
-      const Footprint& img = table[tap];
-      const Footprint kf = kernel_table ? table[taps + g * taps + tap]
-                                        : kernel_footprint(p, rot, tap / p.Kw, tap % p.Kw, g);
+      const Footprint<F>& img = table[tap];
+      Footprint<F> kf = kernel_table ? table[taps + g * taps + tap]
+                                     : kernel_footprint(p, rot, tap / p.Kw, tap % p.Kw, g);
+      use_order_weights<M>(kf, tan, g * taps + tap);
       const T* xr[4];
       for (int k = 0; k < NI; ++k) xr[k] = img.index[k] >= 0 ? x_n + img.index[k] * C : zero_row;
-      float d;
-      float w[4];
+      F d;
+      F w[4];
       if (M == Mode::kColsJvpOffset) {
         d = position_tangent(blend<NI>(img.dwdu, xr, c), blend<NI>(img.dwdv, xr, c),
-                             to_float(tan[2 * tap]), to_float(tan[2 * tap + 1]));
+                             widen(tan[2 * tap]), widen(tan[2 * tap + 1]));
       } else {
         d = blend<NI>(img.w, xr, c);
       }
       for (int k = 0; k < 4; ++k) {
         if (M == Mode::kColsJvpRotation) {
           const int64_t r = (g * taps + tap) * 2;
-          w[k] = position_tangent(kf.dwdu[k], kf.dwdv[k], to_float(tan[r]), to_float(tan[r + 1]));
+          w[k] = position_tangent(kf.dwdu[k], kf.dwdv[k], widen(tan[r]), widen(tan[r + 1]));
         } else {
           w[k] = kf.w[k];
         }
@@ -166,7 +169,7 @@ __global__ void cols_kernel(Problem p, Operands<T> A, const T* zero_row, bool ke
         if (kf.index[k] >= 0) mine[kf.index[k] * blockDim.x] += w[k] * d;
       }
     }
-    for (int64_t s = 0; s < S; ++s) A.out[(loc * S + s) * C + c] = from_float<T>(mine[s * blockDim.x]);
+    for (int64_t s = 0; s < S; ++s) A.out[(loc * S + s) * C + c] = narrow<T>(mine[s * blockDim.x]);
   }
 }
 
@@ -176,15 +179,17 @@ __global__ void cols_kernel(Problem p, Operands<T> A, const T* zero_row, bool ke
 // broadcast. One footprint serves every channel of its rotation group.
 constexpr int kLocs = 8;
 
+template <typename F>
 struct CompactFootprint {
   int32_t index[4];
-  float w[4];
+  F w[4];
 };
 
 template <bool kDeform, typename T>
 __global__ void forward_tile_kernel(Problem p, Operands<T> A, const T* zero_row) {
+  using F = acc_t<T>;
   extern __shared__ unsigned char smem[];
-  CompactFootprint* table = reinterpret_cast<CompactFootprint*>(smem);
+  CompactFootprint<F>* table = reinterpret_cast<CompactFootprint<F>*>(smem);
   constexpr int NI = kDeform ? 4 : 1;
   const int64_t taps = p.taps(), C = p.C, S = p.scope();
   const int64_t per_loc = taps * (1 + p.G);
@@ -195,7 +200,7 @@ __global__ void forward_tile_kernel(Problem p, Operands<T> A, const T* zero_row)
     const int64_t loc = first + e / per_loc, k = e % per_loc;
     if (loc >= locations) continue;
     const int64_t j = loc % p.Wo, i = (loc / p.Wo) % p.Ho;
-    Footprint f;
+    Footprint<F> f;
     if (k < taps) {
       f = image_footprint<kDeform>(p, kDeform ? A.offset + loc * taps * 2 : A.offset, i, j,
                                    k / p.Kw, k % p.Kw);
@@ -203,7 +208,7 @@ __global__ void forward_tile_kernel(Problem p, Operands<T> A, const T* zero_row)
       const int64_t g = (k - taps) / taps, tap = (k - taps) % taps;
       f = kernel_footprint(p, A.rotation + loc * p.G * taps * 2, tap / p.Kw, tap % p.Kw, g);
     }
-    CompactFootprint& out = table[e];
+    CompactFootprint<F>& out = table[e];
     for (int c = 0; c < 4; ++c) {
       out.index[c] = int32_t(f.index[c]);
       out.w[c] = f.w[c];
@@ -215,40 +220,41 @@ __global__ void forward_tile_kernel(Problem p, Operands<T> A, const T* zero_row)
   const int64_t n = loc / (p.Ho * p.Wo);
   const T* x_n = A.x + n * p.H * p.W * C;
   const T* w_n = A.weight + (p.Nw == 1 ? 0 : n) * S * C;
-  const CompactFootprint* mine = table + threadIdx.y * per_loc;
+  const CompactFootprint<F>* mine = table + threadIdx.y * per_loc;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
     const int64_t g = c % p.G;
-    float acc = 0.f;
+    F acc = F(0);
     for (int64_t tap = 0; tap < taps; ++tap) {
-      const CompactFootprint& img = mine[tap];
-      const CompactFootprint& kf = mine[taps + g * taps + tap];
+      const CompactFootprint<F>& img = mine[tap];
+      const CompactFootprint<F>& kf = mine[taps + g * taps + tap];
       const T* xr[4];
       const T* wr[4];
       for (int k = 0; k < NI; ++k) xr[k] = img.index[k] >= 0 ? x_n + int64_t(img.index[k]) * C : zero_row;
       for (int k = 0; k < 4; ++k) wr[k] = kf.index[k] >= 0 ? w_n + int64_t(kf.index[k]) * C : zero_row;
       acc += tap_product(blend<NI>(img.w, xr, c), blend<4>(kf.w, wr, c));
     }
-    A.out[loc * C + c] = from_float<T>(acc);
+    A.out[loc * C + c] = narrow<T>(acc);
   }
 }
 
 // Weight gradient, first pass: block (tile of kTile locations of one sample, channel chunk).
-template <bool kDeform, typename T>
+template <Mode M, bool kDeform, typename T>
 __global__ void grad_weight_partial_kernel(Problem p, Operands<T> A, const T* zero_row,
-                                           float* partials, int64_t tiles_per_sample,
+                                           acc_t<T>* partials, int64_t tiles_per_sample,
                                            bool kernel_table) {
+  using F = acc_t<T>;
   extern __shared__ unsigned char smem[];
   const int64_t taps = p.taps(), C = p.C, S = p.scope();
   const size_t table_entries = size_t(taps + (kernel_table ? taps * p.G : 0));
-  Footprint* table = reinterpret_cast<Footprint*>(smem);
-  float* column = reinterpret_cast<float*>(table + table_entries);  // S x blockDim.x
+  Footprint<F>* table = reinterpret_cast<Footprint<F>*>(smem);
+  F* column = reinterpret_cast<F*>(table + table_entries);  // S x blockDim.x
   constexpr int NI = kDeform ? 4 : 1;
   const int64_t tile = blockIdx.x;
   const int64_t n = tile / tiles_per_sample;
   const int64_t first = (tile % tiles_per_sample) * kTile;
   const int64_t last = min(first + int64_t(kTile), p.Ho * p.Wo);
   const int64_t c = blockIdx.y * blockDim.x + threadIdx.x;
-  for (int64_t s = 0; s < S; ++s) column[s * blockDim.x + threadIdx.x] = 0.f;
+  for (int64_t s = 0; s < S; ++s) column[s * blockDim.x + threadIdx.x] = F(0);
   const T* x_n = A.x + n * p.H * p.W * C;
   for (int64_t l = first; l < last; ++l) {
     const int64_t loc = n * p.Ho * p.Wo + l;
@@ -258,14 +264,16 @@ __global__ void grad_weight_partial_kernel(Problem p, Operands<T> A, const T* ze
     if (c >= C) continue;
     const int64_t g = c % p.G;
     const T* rot = A.rotation + loc * p.G * taps * 2;
-    const float gy = to_float(A.cot[loc * C + c]);
+    const F gy = widen(A.cot[loc * C + c]);
+    const T* tan = takes_tangent(M) ? A.tangent + loc * tangent_stride(M, p.G, taps) : nullptr;
     for (int64_t tap = 0; tap < taps; ++tap) {
-      const Footprint& img = table[tap];
-      const Footprint kf = kernel_table ? table[taps + g * taps + tap]
-                                        : kernel_footprint(p, rot, tap / p.Kw, tap % p.Kw, g);
+      const Footprint<F>& img = table[tap];
+      Footprint<F> kf = kernel_table ? table[taps + g * taps + tap]
+                                     : kernel_footprint(p, rot, tap / p.Kw, tap % p.Kw, g);
+      use_order_weights<M>(kf, tan, g * taps + tap);
       const T* xr[4];
       for (int k = 0; k < NI; ++k) xr[k] = img.index[k] >= 0 ? x_n + img.index[k] * C : zero_row;
-      const float d = gy * blend<NI>(img.w, xr, c);
+      const F d = gy * blend<NI>(img.w, xr, c);
       for (int k = 0; k < 4; ++k) {
         if (kf.index[k] >= 0) column[kf.index[k] * blockDim.x + threadIdx.x] += kf.w[k] * d;
       }
@@ -280,23 +288,26 @@ __global__ void grad_weight_partial_kernel(Problem p, Operands<T> A, const T* ze
 
 // Weight gradient, second pass: sum the tiles of each sample (Nw = N) or of all samples.
 template <typename T>
-__global__ void grad_weight_reduce_kernel(Problem p, const float* partials,
+__global__ void grad_weight_reduce_kernel(Problem p, const acc_t<T>* partials,
                                           int64_t tiles_per_sample, T* out) {
+  using F = acc_t<T>;
   const int64_t S = p.scope(), C = p.C;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // over Nw * S * C
   if (e >= p.Nw * S * C) return;
   const int64_t nw = e / (S * C), sc = e % (S * C);
   const int64_t t0 = p.Nw == 1 ? 0 : nw * tiles_per_sample;
   const int64_t t1 = p.Nw == 1 ? p.N * tiles_per_sample : t0 + tiles_per_sample;
-  float acc = 0.f;
+  F acc = F(0);
   for (int64_t t = t0; t < t1; ++t) acc += partials[t * S * C + sc];
-  out[e] = from_float<T>(acc);
+  out[e] = narrow<T>(acc);
 }
 
 // Rotation gradient: one thread per (location, tap, group), summing its group's channels.
 // Columns (kCols): the weight rows are the location's columns of the cotangent, gy = 1.
-template <bool kDeform, bool kCols, typename T>
+// kCross: the gradient of the cross tangent instead (one number, with d2w/du dv).
+template <bool kDeform, bool kCols, bool kCross, typename T>
 __global__ void grad_rotation_kernel(Problem p, Operands<T> A, const T* zero_row) {
+  using F = acc_t<T>;
   constexpr int NI = kDeform ? 4 : 1;
   const int64_t taps = p.taps(), C = p.C;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // (loc, g, tap)
@@ -304,59 +315,68 @@ __global__ void grad_rotation_kernel(Problem p, Operands<T> A, const T* zero_row
   const int64_t tap = e % taps, g = (e / taps) % p.G, loc = e / (taps * p.G);
   const int64_t n = loc / (p.Ho * p.Wo), i = (loc / p.Wo) % p.Ho, j = loc % p.Wo;
   const int64_t a = tap / p.Kw, b = tap % p.Kw;
-  const Footprint img =
+  const Footprint<F> img =
       image_footprint<kDeform>(p, kDeform ? A.offset + loc * taps * 2 : A.offset, i, j, a, b);
-  const Footprint kf = kernel_footprint(p, A.rotation + loc * p.G * taps * 2, a, b, g);
+  const Footprint<F> kf = kernel_footprint(p, A.rotation + loc * p.G * taps * 2, a, b, g);
   const T* x_n = A.x + n * p.H * p.W * C;
   const T* w_n = kCols ? A.cot + loc * p.scope() * C : A.weight + (p.Nw == 1 ? 0 : n) * p.scope() * C;
   const T* xr[4];
   const T* wr[4];
   for (int k = 0; k < NI; ++k) xr[k] = img.index[k] >= 0 ? x_n + img.index[k] * C : zero_row;
   for (int k = 0; k < 4; ++k) wr[k] = kf.index[k] >= 0 ? w_n + kf.index[k] * C : zero_row;
-  float su = 0.f, sv = 0.f;
+  F su = F(0), sv = F(0);
   for (int64_t c = g; c < C; c += p.G) {
-    const float d = (kCols ? 1.f : to_float(A.cot[loc * C + c])) * blend<NI>(img.w, xr, c);
-    su += d * blend<4>(kf.dwdu, wr, c);
-    sv += d * blend<4>(kf.dwdv, wr, c);
+    const F d = (kCols ? F(1) : widen(A.cot[loc * C + c])) * blend<NI>(img.w, xr, c);
+    if (kCross) {
+      su += d * blend<4>(kf.duv, wr, c);
+    } else {
+      su += d * blend<4>(kf.dwdu, wr, c);
+      sv += d * blend<4>(kf.dwdv, wr, c);
+    }
+  }
+  if (kCross) {
+    A.out[loc * p.G * taps + g * taps + tap] = narrow<T>(su);
+    return;
   }
   T* o = A.out + loc * p.G * taps * 2 + (g * taps + tap) * 2;
-  o[0] = from_float<T>(su);
-  o[1] = from_float<T>(sv);
+  o[0] = narrow<T>(su);
+  o[1] = narrow<T>(sv);
 }
 
 // Offset gradient: one thread per (location, tap), summing over every channel.
 template <bool kCols, typename T>
 __global__ void grad_offset_kernel(Problem p, Operands<T> A, const T* zero_row) {
+  using F = acc_t<T>;
   const int64_t taps = p.taps(), C = p.C;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // (loc, tap)
   if (e >= p.N * p.Ho * p.Wo * taps) return;
   const int64_t tap = e % taps, loc = e / taps;
   const int64_t n = loc / (p.Ho * p.Wo), i = (loc / p.Wo) % p.Ho, j = loc % p.Wo;
   const int64_t a = tap / p.Kw, b = tap % p.Kw;
-  const Footprint img = image_footprint<true>(p, A.offset + loc * taps * 2, i, j, a, b);
+  const Footprint<F> img = image_footprint<true>(p, A.offset + loc * taps * 2, i, j, a, b);
   const T* x_n = A.x + n * p.H * p.W * C;
   const T* w_n = kCols ? A.cot + loc * p.scope() * C : A.weight + (p.Nw == 1 ? 0 : n) * p.scope() * C;
   const T* xr[4];
   for (int k = 0; k < 4; ++k) xr[k] = img.index[k] >= 0 ? x_n + img.index[k] * C : zero_row;
-  float su = 0.f, sv = 0.f;
+  F su = F(0), sv = F(0);
   for (int64_t g = 0; g < p.G; ++g) {
-    const Footprint kf = kernel_footprint(p, A.rotation + loc * p.G * taps * 2, a, b, g);
+    const Footprint<F> kf = kernel_footprint(p, A.rotation + loc * p.G * taps * 2, a, b, g);
     const T* wr[4];
     for (int k = 0; k < 4; ++k) wr[k] = kf.index[k] >= 0 ? w_n + kf.index[k] * C : zero_row;
     for (int64_t c = g; c < C; c += p.G) {
-      const float d = (kCols ? 1.f : to_float(A.cot[loc * C + c])) * blend<4>(kf.w, wr, c);
+      const F d = (kCols ? F(1) : widen(A.cot[loc * C + c])) * blend<4>(kf.w, wr, c);
       su += d * blend<4>(img.dwdu, xr, c);
       sv += d * blend<4>(img.dwdv, xr, c);
     }
   }
-  A.out[e * 2] = from_float<T>(su);
-  A.out[e * 2 + 1] = from_float<T>(sv);
+  A.out[e * 2] = narrow<T>(su);
+  A.out[e * 2 + 1] = narrow<T>(sv);
 }
 
 template <typename T>
-__global__ void store_kernel(const float* src, T* dst, int64_t n) {
+__global__ void store_kernel(const acc_t<T>* src, T* dst, int64_t n) {
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e < n) dst[e] = from_float<T>(src[e]);
+  if (e < n) dst[e] = narrow<T>(src[e]);
 }
 
 // Zero-filled device memory from XLA's scratch allocator (no cudaMalloc per call).
@@ -371,34 +391,42 @@ inline void* scratch_zeros(ffi::ScratchAllocator& scratch, size_t bytes, cudaStr
 template <Mode M, bool kDeform, typename T>
 ffi::Error dk_launch(cudaStream_t stream, ffi::ScratchAllocator& scratch, const Problem& p,
                      const Operands<T>& A, int64_t out_elements) {
-  // Opt-in second-generation kernels (dk_cuda_v2.cuh), chosen per call.
-  if (v2::requested() && v2::try_launch<M, kDeform, T>(stream, p, A)) return cuda_error("v2");
+  using F = acc_t<T>;
+  // Opt-in second-generation kernels (dk_cuda_v2.cuh), chosen per call; they accumulate in
+  // float32, so float64 inputs keep the first-generation kernels.
+  if constexpr (std::is_same<F, float>::value) {
+    if (v2::requested() && v2::try_launch<M, kDeform, T>(stream, p, A)) return cuda_error("v2");
+  }
   const int64_t locations = p.N * p.Ho * p.Wo;
   const int64_t taps = p.taps();
   const T* zero_row = static_cast<const T*>(scratch_zeros(scratch, p.C * sizeof(T), stream));
   if (!zero_row) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "dk_jax: scratch");
-  const size_t fp = sizeof(Footprint);
+  const size_t fp = sizeof(Footprint<F>);
   const bool kernel_table = size_t(taps * (p.G + 1)) * fp <= kMaxTableBytes;
   const size_t table_bytes = size_t(taps + (kernel_table ? taps * p.G : 0)) * fp;
   const int threads = channel_threads(p.C);
 
-  if (M == Mode::kForward || M == Mode::kJvpRotation || M == Mode::kJvpOffset ||
-      M == Mode::kGradImage || M == Mode::kColsGradImage) {
-    float* grad_image = nullptr;
-    const bool scatter = M == Mode::kGradImage || M == Mode::kColsGradImage;
+  constexpr Mode L = loop_of(M);
+  if (L == Mode::kForward || M == Mode::kJvpRotation || M == Mode::kJvpOffset ||
+      L == Mode::kGradImage || L == Mode::kColsGradImage) {
+    F* grad_image = nullptr;
+    const bool scatter = L == Mode::kGradImage || L == Mode::kColsGradImage;
     if (scatter) {
-      if (std::is_same<T, float>::value) {
-        grad_image = reinterpret_cast<float*>(A.out);
-        cudaMemsetAsync(grad_image, 0, out_elements * sizeof(float), stream);
+      if (std::is_same<T, F>::value) {
+        grad_image = reinterpret_cast<F*>(A.out);
+        cudaMemsetAsync(grad_image, 0, out_elements * sizeof(F), stream);
       } else {
-        grad_image = static_cast<float*>(scratch_zeros(scratch, out_elements * sizeof(float), stream));
+        grad_image = static_cast<F*>(scratch_zeros(scratch, out_elements * sizeof(F), stream));
         if (!grad_image) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "dk_jax: scratch");
       }
     }
-    const size_t tile_bytes = size_t(kLocs * taps * (1 + p.G)) * sizeof(CompactFootprint);
-    if (locations > 0 && M == Mode::kGradImage && kDeform && v2::requested() &&
-        v2::try_launch_deform_grad_image(stream, p, A, grad_image)) {
-      // The opt-in v2 scatter (dk_cuda_v2.cuh) ran.
+    const size_t tile_bytes = size_t(kLocs * taps * (1 + p.G)) * sizeof(CompactFootprint<F>);
+    bool v2_ran = false;  // the opt-in v2 scatter of the DK+DCN image gradient (dk_cuda_v2.cuh)
+    if constexpr (std::is_same<F, float>::value) {
+      v2_ran = locations > 0 && M == Mode::kGradImage && kDeform && v2::requested() &&
+               v2::try_launch_deform_grad_image(stream, p, A, grad_image);
+    }
+    if (v2_ran) {
     } else if (locations > 0 && M == Mode::kForward && tile_bytes <= kMaxTableBytes) {
       forward_tile_kernel<kDeform, T><<<unsigned(ceil_div(locations, kLocs)), dim3(32, kLocs),
                                         tile_bytes, stream>>>(p, A, zero_row);
@@ -406,27 +434,27 @@ ffi::Error dk_launch(cudaStream_t stream, ffi::ScratchAllocator& scratch, const 
       location_kernel<M, kDeform, T><<<unsigned(locations), threads, table_bytes, stream>>>(
           p, A, zero_row, grad_image, kernel_table);
     }
-    if (scatter && !std::is_same<T, float>::value && out_elements > 0) {
+    if (scatter && !std::is_same<T, F>::value && out_elements > 0) {
       store_kernel<T><<<unsigned(ceil_div(out_elements, 256)), 256, 0, stream>>>(
           grad_image, A.out, out_elements);
     }
     return cuda_error("location_kernel");
   }
-  if (M == Mode::kGradWeight) {
+  if (L == Mode::kGradWeight) {
     const int64_t tiles_per_sample = ceil_div(p.Ho * p.Wo, kTile);
     const int64_t tiles = p.N * tiles_per_sample;
     const int64_t S = p.scope();
-    float* partials = static_cast<float*>(
-        scratch_zeros(scratch, size_t(std::max<int64_t>(tiles, 1) * S * p.C) * sizeof(float), stream));
+    F* partials = static_cast<F*>(
+        scratch_zeros(scratch, size_t(std::max<int64_t>(tiles, 1) * S * p.C) * sizeof(F), stream));
     if (!partials) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "dk_jax: scratch");
     // Each thread keeps its channel's S sums in shared memory: fewer threads for large scopes.
     const size_t avail = 48 * 1024 - table_bytes;
-    const int wthreads = int(std::min<size_t>(threads, avail / (size_t(S) * sizeof(float)) / 32 * 32));
+    const int wthreads = int(std::min<size_t>(threads, avail / (size_t(S) * sizeof(F)) / 32 * 32));
     if (wthreads < 32) return invalid("scope too large for the CUDA weight gradient");
-    const size_t shared = table_bytes + size_t(S) * wthreads * sizeof(float);
+    const size_t shared = table_bytes + size_t(S) * wthreads * sizeof(F);
     if (tiles > 0) {
       dim3 grid(unsigned(tiles), unsigned(ceil_div(p.C, wthreads)));
-      grad_weight_partial_kernel<kDeform, T><<<grid, wthreads, shared, stream>>>(
+      grad_weight_partial_kernel<M, kDeform, T><<<grid, wthreads, shared, stream>>>(
           p, A, zero_row, partials, tiles_per_sample, kernel_table);
     }
     const int64_t total = p.Nw * S * p.C;
@@ -440,9 +468,9 @@ ffi::Error dk_launch(cudaStream_t stream, ffi::ScratchAllocator& scratch, const 
     // Each thread keeps its channel's S sums in shared memory: fewer threads for large scopes.
     const int64_t S = p.scope();
     const size_t avail = 48 * 1024 - table_bytes;
-    const int cthreads = int(std::min<size_t>(threads, avail / (size_t(S) * sizeof(float)) / 32 * 32));
+    const int cthreads = int(std::min<size_t>(threads, avail / (size_t(S) * sizeof(F)) / 32 * 32));
     if (cthreads < 32) return invalid("scope too large for the CUDA columns kernel");
-    const size_t shared = table_bytes + size_t(S) * cthreads * sizeof(float);
+    const size_t shared = table_bytes + size_t(S) * cthreads * sizeof(F);
     if (locations > 0) {
       cols_kernel<M, kDeform, T><<<unsigned(locations), cthreads, shared, stream>>>(
           p, A, zero_row, kernel_table);
@@ -452,10 +480,18 @@ ffi::Error dk_launch(cudaStream_t stream, ffi::ScratchAllocator& scratch, const 
   if (M == Mode::kGradRotation || M == Mode::kColsGradRotation) {
     const int64_t total = locations * p.G * taps;
     if (total > 0) {
-      grad_rotation_kernel<kDeform, is_cols(M), T><<<unsigned(ceil_div(total, 128)), 128, 0, stream>>>(
+      grad_rotation_kernel<kDeform, is_cols(M), false, T><<<unsigned(ceil_div(total, 128)), 128, 0, stream>>>(
           p, A, zero_row);
     }
     return cuda_error("grad_rotation");
+  }
+  if (is_grad_cross(M)) {
+    const int64_t total = locations * p.G * taps;
+    if (total > 0) {
+      grad_rotation_kernel<kDeform, is_cols(M), true, T><<<unsigned(ceil_div(total, 128)), 128, 0, stream>>>(
+          p, A, zero_row);
+    }
+    return cuda_error("grad_cross_rotation");
   }
   if (M == Mode::kGradOffset || M == Mode::kColsGradOffset) {
     const int64_t total = locations * taps;
@@ -487,54 +523,56 @@ enum class NdMode { kForward, kGradData, kJvpCoord, kGradCoord };
 // Forward / JVP: one thread per (point, channel); grad data: the same, scattering.
 template <NdMode M, typename T>
 __global__ void nd_point_channel_kernel(NdProblem p, const T* lhs, const T* coord,
-                                        const T* tangent, T* out, float* grad_data) {
+                                        const T* tangent, T* out, acc_t<T>* grad_data) {
+  using F = acc_t<T>;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= p.Nb * p.M * p.C) return;
   const int64_t c = e % p.C, point = e / p.C, nb = point / p.M;
   const NdFootprint f = nd_point_footprint(p, coord, point);
   const int64_t V = p.spatial();
-  float acc = 0.f;
+  F acc = F(0);
   for (int k = 0; k < nd_corner_count(f); ++k) {
     const int64_t idx = nd_corner_index(f, k, p.shape);
     if (idx < 0) continue;
     if (M == NdMode::kGradData) {
       atomicAdd(grad_data + (nb * V + idx) * p.C + c,
-                nd_corner_weight(f, k, -1) * to_float(lhs[point * p.C + c]));
+                nd_corner_weight(f, k, -1) * widen(lhs[point * p.C + c]));
       continue;
     }
-    float w = 0.f;
+    F w = F(0);
     if (M == NdMode::kForward) {
       w = nd_corner_weight(f, k, -1);
     } else {
       for (int d = 0; d < p.dims; ++d) {
-        w += nd_corner_weight(f, k, d) * to_float(tangent[point * p.dims + d]);
+        w += nd_corner_weight(f, k, d) * widen(tangent[point * p.dims + d]);
       }
     }
-    acc += w * to_float(lhs[(nb * V + idx) * p.C + c]);
+    acc += w * widen(lhs[(nb * V + idx) * p.C + c]);
   }
-  if (M != NdMode::kGradData) out[e] = from_float<T>(acc);
+  if (M != NdMode::kGradData) out[e] = narrow<T>(acc);
 }
 
 // Coordinate gradient: one thread per (point, dimension), summing over channels.
 template <typename T>
 __global__ void nd_grad_coord_kernel(NdProblem p, const T* cot, const T* data, const T* coord,
                                      T* out) {
+  using F = acc_t<T>;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= p.Nb * p.M * p.dims) return;
   const int d = int(e % p.dims);
   const int64_t point = e / p.dims, nb = point / p.M;
   const NdFootprint f = nd_point_footprint(p, coord, point);
   const int64_t V = p.spatial();
-  float s = 0.f;
+  F s = F(0);
   for (int k = 0; k < nd_corner_count(f); ++k) {
     const int64_t idx = nd_corner_index(f, k, p.shape);
     if (idx < 0) continue;
-    const float w = nd_corner_weight(f, k, d);
+    const F w = nd_corner_weight(f, k, d);
     for (int64_t c = 0; c < p.C; ++c) {
-      s += to_float(cot[point * p.C + c]) * w * to_float(data[(nb * V + idx) * p.C + c]);
+      s += widen(cot[point * p.C + c]) * w * widen(data[(nb * V + idx) * p.C + c]);
     }
   }
-  out[e] = from_float<T>(s);
+  out[e] = narrow<T>(s);
 }
 
 template <NdMode M>
@@ -556,6 +594,7 @@ ffi::Error nd_cuda_handler(cudaStream_t stream, ffi::ScratchAllocator scratch,
   if (auto err = read_nd_problem(data_like, coord, &p); err.failure()) return err;
   return dispatch_float(out->element_type(), [&](auto tag) -> ffi::Error {
     using T = decltype(tag);
+    using F = acc_t<T>;
     auto ptr = [](const ffi::AnyBuffer& x) { return static_cast<const T*>(x.untyped_data()); };
     T* o = static_cast<T*>(out->untyped_data());
     const int64_t n_out = int64_t(out->element_count());
@@ -566,20 +605,20 @@ ffi::Error nd_cuda_handler(cudaStream_t stream, ffi::ScratchAllocator scratch,
       }
       return cuda_error("nd_grad_coord");
     }
-    float* grad_data = nullptr;
+    F* grad_data = nullptr;
     if (M == NdMode::kGradData) {
-      grad_data = std::is_same<T, float>::value
-                      ? reinterpret_cast<float*>(o)
-                      : static_cast<float*>(scratch_zeros(scratch, n_out * sizeof(float), stream));
+      grad_data = std::is_same<T, F>::value
+                      ? reinterpret_cast<F*>(o)
+                      : static_cast<F*>(scratch_zeros(scratch, n_out * sizeof(F), stream));
       if (!grad_data) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "dk_jax: scratch");
-      cudaMemsetAsync(grad_data, 0, n_out * sizeof(float), stream);
+      cudaMemsetAsync(grad_data, 0, n_out * sizeof(F), stream);
     }
     const int64_t work = p.Nb * p.M * p.C;
     if (work > 0) {
       nd_point_channel_kernel<M, T><<<unsigned(ceil_div(work, 128)), 128, 0, stream>>>(
           p, ptr(b[0]), ptr(b[1]), expected == 3 ? ptr(b[2]) : nullptr, o, grad_data);
     }
-    if (M == NdMode::kGradData && !std::is_same<T, float>::value && n_out > 0) {
+    if (M == NdMode::kGradData && !std::is_same<T, F>::value && n_out > 0) {
       store_kernel<T><<<unsigned(ceil_div(n_out, 256)), 256, 0, stream>>>(grad_data, o, n_out);
     }
     return cuda_error("nd_linear_sample");
@@ -614,6 +653,18 @@ DK_CUDA_HANDLER(dk_deform_jvp_rotation_cuda, kJvpRotation, true)
 DK_CUDA_HANDLER(dk_deform_grad_rotation_cuda, kGradRotation, true)
 DK_CUDA_HANDLER(dk_deform_jvp_offset_cuda, kJvpOffset, true)
 DK_CUDA_HANDLER(dk_deform_grad_offset_cuda, kGradOffset, true)
+DK_CUDA_HANDLER(dk_sample_jvp_rotation_grad_image_cuda, kJvpRotationGradImage, false)
+DK_CUDA_HANDLER(dk_sample_jvp_rotation_grad_weight_cuda, kJvpRotationGradWeight, false)
+DK_CUDA_HANDLER(dk_sample_hvp_rotation_cuda, kHvpRotation, false)
+DK_CUDA_HANDLER(dk_sample_hvp_rotation_grad_image_cuda, kHvpRotationGradImage, false)
+DK_CUDA_HANDLER(dk_sample_hvp_rotation_grad_weight_cuda, kHvpRotationGradWeight, false)
+DK_CUDA_HANDLER(dk_sample_grad_cross_rotation_cuda, kGradCrossRotation, false)
+DK_CUDA_HANDLER(dk_deform_jvp_rotation_grad_image_cuda, kJvpRotationGradImage, true)
+DK_CUDA_HANDLER(dk_deform_jvp_rotation_grad_weight_cuda, kJvpRotationGradWeight, true)
+DK_CUDA_HANDLER(dk_deform_hvp_rotation_cuda, kHvpRotation, true)
+DK_CUDA_HANDLER(dk_deform_hvp_rotation_grad_image_cuda, kHvpRotationGradImage, true)
+DK_CUDA_HANDLER(dk_deform_hvp_rotation_grad_weight_cuda, kHvpRotationGradWeight, true)
+DK_CUDA_HANDLER(dk_deform_grad_cross_rotation_cuda, kGradCrossRotation, true)
 DK_CUDA_HANDLER(dk_sample_cols_forward_cuda, kCols, false)
 DK_CUDA_HANDLER(dk_sample_cols_grad_image_cuda, kColsGradImage, false)
 DK_CUDA_HANDLER(dk_sample_cols_jvp_rotation_cuda, kColsJvpRotation, false)
@@ -624,6 +675,14 @@ DK_CUDA_HANDLER(dk_deform_cols_jvp_rotation_cuda, kColsJvpRotation, true)
 DK_CUDA_HANDLER(dk_deform_cols_grad_rotation_cuda, kColsGradRotation, true)
 DK_CUDA_HANDLER(dk_deform_cols_jvp_offset_cuda, kColsJvpOffset, true)
 DK_CUDA_HANDLER(dk_deform_cols_grad_offset_cuda, kColsGradOffset, true)
+DK_CUDA_HANDLER(dk_sample_cols_jvp_rotation_grad_image_cuda, kColsJvpRotationGradImage, false)
+DK_CUDA_HANDLER(dk_sample_cols_hvp_rotation_cuda, kColsHvpRotation, false)
+DK_CUDA_HANDLER(dk_sample_cols_hvp_rotation_grad_image_cuda, kColsHvpRotationGradImage, false)
+DK_CUDA_HANDLER(dk_sample_cols_grad_cross_rotation_cuda, kColsGradCrossRotation, false)
+DK_CUDA_HANDLER(dk_deform_cols_jvp_rotation_grad_image_cuda, kColsJvpRotationGradImage, true)
+DK_CUDA_HANDLER(dk_deform_cols_hvp_rotation_cuda, kColsHvpRotation, true)
+DK_CUDA_HANDLER(dk_deform_cols_hvp_rotation_grad_image_cuda, kColsHvpRotationGradImage, true)
+DK_CUDA_HANDLER(dk_deform_cols_grad_cross_rotation_cuda, kColsGradCrossRotation, true)
 
 #define DK_ND_CUDA_HANDLER(name, mode)                                       \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (dk::nd_cuda_handler<dk::NdMode::mode>), \

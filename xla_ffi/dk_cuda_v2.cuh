@@ -84,7 +84,7 @@ DK_HD int64_t output_position(int64_t h, int64_t a, int64_t stride, int64_t pad,
 template <int V, typename T>
 __device__ __forceinline__ void load_row(const T* src, float (&dst)[V]) {
   if constexpr (V == 1) {
-    dst[0] = to_float(src[0]);
+    dst[0] = widen(src[0]);
   } else {
     static_assert(V * sizeof(T) == 16, "vector rows are 16 bytes");
     const uint4 raw = __ldg(reinterpret_cast<const uint4*>(src));
@@ -93,7 +93,7 @@ __device__ __forceinline__ void load_row(const T* src, float (&dst)[V]) {
       for (int v = 0; v < 4; ++v) dst[v] = __uint_as_float(word[v]);
     } else {
       for (int v = 0; v < V; ++v) {
-        dst[v] = to_float(T{uint16_t(word[v / 2] >> (16 * (v % 2)))});
+        dst[v] = widen(T{uint16_t(word[v / 2] >> (16 * (v % 2)))});
       }
     }
   }
@@ -102,15 +102,15 @@ __device__ __forceinline__ void load_row(const T* src, float (&dst)[V]) {
 template <int V, typename T>
 __device__ __forceinline__ void store_row(T* dst, const float (&src)[V]) {
   if constexpr (V == 1) {
-    dst[0] = from_float<T>(src[0]);
+    dst[0] = narrow<T>(src[0]);
   } else {
     uint32_t word[4];
     if constexpr (std::is_same<T, float>::value) {
       for (int v = 0; v < 4; ++v) word[v] = __float_as_uint(src[v]);
     } else {
       for (int v = 0; v < 4; ++v) {
-        word[v] = uint32_t(from_float<T>(src[2 * v]).bits) |
-                  (uint32_t(from_float<T>(src[2 * v + 1]).bits) << 16);
+        word[v] = uint32_t(narrow<T>(src[2 * v]).bits) |
+                  (uint32_t(narrow<T>(src[2 * v + 1]).bits) << 16);
       }
     }
     *reinterpret_cast<uint4*>(dst) = make_uint4(word[0], word[1], word[2], word[3]);
@@ -152,7 +152,7 @@ __device__ __forceinline__ void stage_kernel(const Problem& p, const T* weight, 
                                              float* staged) {
   const int SC = int(p.scope() * p.C);
   const T* w = weight + (p.Nw == 1 ? 0 : int64_t(n) * SC);
-  for (int e = threadIdx.x; e < SC; e += blockDim.x) staged[e] = to_float(w[e]);
+  for (int e = threadIdx.x; e < SC; e += blockDim.x) staged[e] = widen(w[e]);
   for (int e = threadIdx.x; e < int(p.C); e += blockDim.x) staged[SC + e] = 0.f;
 }
 
@@ -160,7 +160,7 @@ __device__ __forceinline__ void stage_kernel(const Problem& p, const T* weight, 
 template <typename T>
 __device__ __forceinline__ ScopeEntry scope_entry(const Problem& p, const T* rot, int64_t a,
                                                   int64_t b, int64_t g) {
-  const Footprint f = kernel_footprint(p, rot, a, b, g);
+  const auto f = kernel_footprint(p, rot, a, b, g);
   const int32_t zero = int32_t(p.scope() * p.C);
   ScopeEntry s;
   for (int k = 0; k < 4; ++k) {
@@ -232,7 +232,7 @@ __device__ __forceinline__ void fill_location(const Problem& p, const Operands<T
   const T* off = kDeform ? A.offset + loc * p.taps() * 2 : nullptr;
   for (int e = lane; e < taps * (1 + G); e += 32) {
     if (e < taps) {
-      const Footprint f = image_footprint<kDeform>(p, off, i, j, e / Kw, e % Kw);
+      const auto f = image_footprint<kDeform>(p, off, i, j, e / Kw, e % Kw);
       for (int k = 0; k < NI; ++k) {
         image[e].off[k] = f.index[k] >= 0 ? Idx(f.index[k]) * Idx(C) : Idx(-1);
         image[e].w[k] = f.w[k];

@@ -18,75 +18,94 @@
 namespace dk {
 
 // Where the blend reads: up to four corners, each a flat index into the plane (row * Q + col)
-// or -1 when that corner is outside, with its weight and the weight's derivatives in u and v.
+// or -1 when that corner is outside, with its weight, the weight's derivatives in u and v and
+// its second derivative d2w/du dv. Within a cell the weights are linear in u and in v, so
+// d2w/du2 = d2w/dv2 = 0, d2w/du dv = +-1, and every third derivative is zero.
+// F is the accumulator type (float, or double for float64 inputs).
+template <typename F>
 struct Footprint {
   int64_t index[4];
-  float w[4];
-  float dwdu[4];
-  float dwdv[4];
+  F w[4];
+  F dwdu[4];
+  F dwdv[4];
+  F duv[4];
 };
 
-DK_HD Footprint empty_footprint() {
-  Footprint f;
+template <typename F>
+DK_HD Footprint<F> empty_footprint() {
+  Footprint<F> f;
   for (int k = 0; k < 4; ++k) {
     f.index[k] = -1;
-    f.w[k] = 0.f;
-    f.dwdu[k] = 0.f;
-    f.dwdv[k] = 0.f;
+    f.w[k] = F(0);
+    f.dwdu[k] = F(0);
+    f.dwdv[k] = F(0);
+    f.duv[k] = F(0);
   }
   return f;
 }
 
-DK_HD bool is_nan(float v) { return v != v; }
+template <typename F>
+DK_HD bool is_nan(F v) {
+  return v != v;
+}
+
+DK_HD float floor_of(float v) { return floorf(v); }
+DK_HD double floor_of(double v) { return floor(v); }
 
 // Bilinear footprint of position (u, v) on an R x Q plane.
-DK_HD Footprint bilinear_footprint(float u, float v, int64_t R, int64_t Q) {
-  Footprint f = empty_footprint();
+template <typename F>
+DK_HD Footprint<F> bilinear_footprint(F u, F v, int64_t R, int64_t Q) {
+  Footprint<F> f = empty_footprint<F>();
   if (is_nan(u) || is_nan(v)) {
     // Corner 0 reads element 0 with a NaN weight: the result is NaN, the read stays in range.
-    const float nan = u + v;
+    const F nan = u + v;
     f.index[0] = (R > 0 && Q > 0) ? 0 : -1;
     f.w[0] = nan;
     f.dwdu[0] = nan;
     f.dwdv[0] = nan;
+    f.duv[0] = nan;
     return f;
   }
-  if (u <= -1.f || v <= -1.f || u >= float(R) || v >= float(Q)) return f;
-  const float fy = floorf(u), fx = floorf(v);
+  if (u <= F(-1) || v <= F(-1) || u >= F(R) || v >= F(Q)) return f;
+  const F fy = floor_of(u), fx = floor_of(v);
   const int64_t y0 = int64_t(fy), x0 = int64_t(fx);
-  const float ly = u - fy, lx = v - fx;
-  const float hy = 1.f - ly, hx = 1.f - lx;
+  const F ly = u - fy, lx = v - fx;
+  const F hy = F(1) - ly, hx = F(1) - lx;
   const bool row0 = y0 >= 0, row1 = y0 + 1 < R;
   const bool col0 = x0 >= 0, col1 = x0 + 1 < Q;
   // Corner order: (y0, x0), (y0, x0+1), (y0+1, x0), (y0+1, x0+1).
   const bool in[4] = {row0 && col0, row0 && col1, row1 && col0, row1 && col1};
   const int64_t idx[4] = {y0 * Q + x0, y0 * Q + x0 + 1, (y0 + 1) * Q + x0, (y0 + 1) * Q + x0 + 1};
-  const float w[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
-  const float dwdu[4] = {-hx, -lx, hx, lx};
-  const float dwdv[4] = {-hy, hy, -ly, ly};
+  const F w[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
+  const F dwdu[4] = {-hx, -lx, hx, lx};
+  const F dwdv[4] = {-hy, hy, -ly, ly};
+  const F duv[4] = {F(1), F(-1), F(-1), F(1)};
   for (int k = 0; k < 4; ++k) {
     if (!in[k]) continue;
     f.index[k] = idx[k];
     f.w[k] = w[k];
     f.dwdu[k] = dwdu[k];
     f.dwdv[k] = dwdv[k];
+    f.duv[k] = duv[k];
   }
   return f;
 }
 
 // Footprint of an integer position: a single corner of weight one (rigid image taps).
-DK_HD Footprint point_footprint(int64_t y, int64_t x, int64_t R, int64_t Q) {
-  Footprint f = empty_footprint();
+template <typename F>
+DK_HD Footprint<F> point_footprint(int64_t y, int64_t x, int64_t R, int64_t Q) {
+  Footprint<F> f = empty_footprint<F>();
   if (y >= 0 && y < R && x >= 0 && x < Q) {
     f.index[0] = y * Q + x;
-    f.w[0] = 1.f;
+    f.w[0] = F(1);
   }
   return f;
 }
 
 // Real position in the scope of kernel tap `a` (of K) shifted by `r`, the kernel centred in S.
-DK_HD float scope_position(int64_t a, float r, int64_t K, int64_t S) {
-  return float(a) + r + 0.5f * float(S - K);
+template <typename F>
+DK_HD F scope_position(int64_t a, F r, int64_t K, int64_t S) {
+  return F(a) + r + F(0.5) * F(S - K);
 }
 
 // Integer image position of output index i, tap a: i * stride - pad + a * dilation.
@@ -108,30 +127,32 @@ struct Problem {
 // Footprint on the scope of kernel tap (a, b) for rotation group g, at a location whose
 // rotations start at `rot` (index ((g*Kh + a)*Kw + b)*2 + t).
 template <typename T>
-DK_HD Footprint kernel_footprint(const Problem& p, const T* rot, int64_t a, int64_t b, int64_t g) {
+DK_HD Footprint<acc_t<T>> kernel_footprint(const Problem& p, const T* rot, int64_t a, int64_t b,
+                                           int64_t g) {
   const int64_t r = ((g * p.Kh + a) * p.Kw + b) * 2;
-  return bilinear_footprint(scope_position(a, to_float(rot[r]), p.Kh, p.Sh),
-                            scope_position(b, to_float(rot[r + 1]), p.Kw, p.Sw), p.Sh, p.Sw);
+  return bilinear_footprint(scope_position(a, widen(rot[r]), p.Kh, p.Sh),
+                            scope_position(b, widen(rot[r + 1]), p.Kw, p.Sw), p.Sh, p.Sw);
 }
 
 // Footprint on the image plane of tap (a, b) at output (i, j): a single point for rigid taps,
 // a bilinear read shifted by offset[(a*Kw + b)*2 + t] for deformable ones.
 template <bool kDeform, typename T>
-DK_HD Footprint image_footprint(const Problem& p, const T* off, int64_t i, int64_t j, int64_t a,
-                                int64_t b) {
+DK_HD Footprint<acc_t<T>> image_footprint(const Problem& p, const T* off, int64_t i, int64_t j,
+                                          int64_t a, int64_t b) {
+  using F = acc_t<T>;
   const int64_t hp = image_position(i, a, p.sh, p.ph, p.dh);
   const int64_t wp = image_position(j, b, p.sw, p.pw, p.dw);
-  if (!kDeform) return point_footprint(hp, wp, p.H, p.W);
+  if (!kDeform) return point_footprint<F>(hp, wp, p.H, p.W);
   const int64_t tap = a * p.Kw + b;
-  return bilinear_footprint(float(hp) + to_float(off[2 * tap]),
-                            float(wp) + to_float(off[2 * tap + 1]), p.H, p.W);
+  return bilinear_footprint<F>(F(hp) + widen(off[2 * tap]), F(wp) + widen(off[2 * tap + 1]), p.H,
+                               p.W);
 }
 
 // Blend of the NC corners of a footprint given each corner's value: sum_k weight[k] * value(k).
 // V is float, or on the CPU a vector of channels. Four corners are summed as two pairs, which
 // halves the dependent chain of multiply-adds.
-template <int NC, typename V, typename Value>
-DK_HD V blend_values(const float* weight, const Value& value) {
+template <int NC, typename V, typename F, typename Value>
+DK_HD V blend_values(const F* weight, const Value& value) {
   if constexpr (NC == 4) {
     return (weight[0] * value(0) + weight[1] * value(1)) +
            (weight[2] * value(2) + weight[3] * value(3));
@@ -144,9 +165,9 @@ DK_HD V blend_values(const float* weight, const Value& value) {
 
 // Blend of channel c of the NC corners of a footprint over rows of channel values. Rows of
 // absent corners point at a zero row and carry weight 0.
-template <int NC, typename T>
-DK_HD float blend(const float* weight, const T* const* rows, int64_t c) {
-  return blend_values<NC, float>(weight, [&](int k) { return to_float(rows[k][c]); });
+template <int NC, typename T, typename F>
+DK_HD F blend(const F* weight, const T* const* rows, int64_t c) {
+  return blend_values<NC, F>(weight, [&](int k) { return F(widen(rows[k][c])); });
 }
 
 // Pieces of the gradients, one element each. y = sum_taps image * kernel, so:
@@ -156,7 +177,8 @@ template <typename V>
 DK_HD V tap_product(V image, V kernel) {
   return image * kernel;
 }
-DK_HD float position_tangent(float d_du, float d_dv, float tu, float tv) {
+template <typename F>
+DK_HD F position_tangent(F d_du, F d_dv, F tu, F tv) {
   return d_du * tu + d_dv * tv;
 }
 
@@ -166,31 +188,33 @@ DK_HD float position_tangent(float d_du, float d_dv, float tu, float tv) {
 // D floats and D integers whatever 2^D is.
 constexpr int kMaxDims = 6;
 
+template <typename F>
 struct NdFootprint {
   int dims;
   int state;  // 0: inside, 1: outside (all zero), 2: NaN position
   int64_t base[kMaxDims];
-  float frac[kMaxDims];
+  F frac[kMaxDims];
 };
 
-DK_HD NdFootprint nd_footprint(const float* pos, const int64_t* shape, int dims) {
-  NdFootprint f;
+template <typename F>
+DK_HD NdFootprint<F> nd_footprint(const F* pos, const int64_t* shape, int dims) {
+  NdFootprint<F> f;
   f.dims = dims;
   f.state = 0;
   for (int d = 0; d < dims; ++d) {
     f.base[d] = 0;
-    f.frac[d] = 0.f;
+    f.frac[d] = F(0);
     if (is_nan(pos[d])) f.state = 2;
   }
   if (f.state == 2) return f;
   for (int d = 0; d < dims; ++d) {
-    if (pos[d] <= -1.f || pos[d] >= float(shape[d])) {
+    if (pos[d] <= F(-1) || pos[d] >= F(shape[d])) {
       f.state = 1;
       return f;
     }
   }
   for (int d = 0; d < dims; ++d) {
-    const float fl = floorf(pos[d]);
+    const F fl = floor_of(pos[d]);
     f.base[d] = int64_t(fl);
     f.frac[d] = pos[d] - fl;
   }
@@ -199,11 +223,13 @@ DK_HD NdFootprint nd_footprint(const float* pos, const int64_t* shape, int dims)
 
 // Flat index (over the spatial dims, row-major) of corner k, or -1 when it is outside.
 // Corners to visit: none outside, one (element 0, NaN weight) for a NaN position, else 2^D.
-DK_HD int nd_corner_count(const NdFootprint& f) {
+template <typename F>
+DK_HD int nd_corner_count(const NdFootprint<F>& f) {
   return f.state == 1 ? 0 : f.state == 2 ? 1 : 1 << f.dims;
 }
 
-DK_HD int64_t nd_corner_index(const NdFootprint& f, int k, const int64_t* shape) {
+template <typename F>
+DK_HD int64_t nd_corner_index(const NdFootprint<F>& f, int k, const int64_t* shape) {
   if (f.state == 2) return 0;
   int64_t idx = 0;
   for (int d = 0; d < f.dims; ++d) {
@@ -215,15 +241,16 @@ DK_HD int64_t nd_corner_index(const NdFootprint& f, int k, const int64_t* shape)
 }
 
 // Weight of corner k, and its derivative along dimension e (e < 0: the weight itself).
-DK_HD float nd_corner_weight(const NdFootprint& f, int k, int e) {
-  if (f.state == 2) return bits_float(0x7fc00000u);
-  float w = 1.f;
+template <typename F>
+DK_HD F nd_corner_weight(const NdFootprint<F>& f, int k, int e) {
+  if (f.state == 2) return F(bits_float(0x7fc00000u));
+  F w = F(1);
   for (int d = 0; d < f.dims; ++d) {
     const bool hi = (k >> d) & 1;
     if (d == e) {
-      w *= hi ? 1.f : -1.f;
+      w *= hi ? F(1) : F(-1);
     } else {
-      w *= hi ? f.frac[d] : 1.f - f.frac[d];
+      w *= hi ? f.frac[d] : F(1) - f.frac[d];
     }
   }
   return w;
@@ -243,9 +270,9 @@ struct NdProblem {
 
 // Footprint of point `point` (of Nb*M) whose D coordinates start at coord + point * D.
 template <typename T>
-DK_HD NdFootprint nd_point_footprint(const NdProblem& p, const T* coord, int64_t point) {
-  float pos[kMaxDims];
-  for (int d = 0; d < p.dims; ++d) pos[d] = to_float(coord[point * p.dims + d]);
+DK_HD NdFootprint<acc_t<T>> nd_point_footprint(const NdProblem& p, const T* coord, int64_t point) {
+  acc_t<T> pos[kMaxDims];
+  for (int d = 0; d < p.dims; ++d) pos[d] = widen(coord[point * p.dims + d]);
   return nd_footprint(pos, p.shape, p.dims);
 }
 

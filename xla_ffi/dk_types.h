@@ -1,8 +1,9 @@
 // Scalar types shared by the CPU loops and the CUDA kernels.
 //
-// Inputs may be float32, bfloat16 or float16; all arithmetic is float32. The 16-bit types are
-// tiny structs holding the raw bits with explicit conversions, so the same code compiles with
-// g++ and nvcc and behaves identically on both (round-to-nearest-even on the way back).
+// Inputs may be float64, float32, bfloat16 or float16. Arithmetic runs in the accumulator type
+// acc_t<T>: float64 for float64 inputs, float32 for the others. The 16-bit types are tiny
+// structs holding the raw bits with explicit conversions, so the same code compiles with g++
+// and nvcc and behaves identically on both (round-to-nearest-even on the way back).
 #pragma once
 
 #include <cstdint>
@@ -25,6 +26,18 @@ struct f16 {
   uint16_t bits;
 };
 
+// The type every sum and footprint weight of an element type T is computed in.
+template <typename T>
+struct Accumulator {
+  using type = float;
+};
+template <>
+struct Accumulator<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename Accumulator<T>::type;
+
 DK_HD uint32_t float_bits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);
@@ -45,10 +58,12 @@ DK_HD float bits_float(uint32_t u) {
 #endif
 }
 
-DK_HD float to_float(float v) { return v; }
-DK_HD float to_float(bf16 v) { return bits_float(uint32_t(v.bits) << 16); }
+// widen: an element as its accumulator type; narrow<T>: an accumulator back to T.
+DK_HD double widen(double v) { return v; }
+DK_HD float widen(float v) { return v; }
+DK_HD float widen(bf16 v) { return bits_float(uint32_t(v.bits) << 16); }
 
-DK_HD float to_float(f16 v) {
+DK_HD float widen(f16 v) {
   const uint32_t h = v.bits;
   const uint32_t sign = (h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1fu;
@@ -61,15 +76,20 @@ DK_HD float to_float(f16 v) {
 }
 
 template <typename T>
-DK_HD T from_float(float v);
+DK_HD T narrow(acc_t<T> v);
 
 template <>
-DK_HD float from_float<float>(float v) {
+DK_HD double narrow<double>(double v) {
   return v;
 }
 
 template <>
-DK_HD bf16 from_float<bf16>(float v) {
+DK_HD float narrow<float>(float v) {
+  return v;
+}
+
+template <>
+DK_HD bf16 narrow<bf16>(float v) {
   uint32_t u = float_bits(v);
   if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{uint16_t((u >> 16) | 0x40u)};  // quiet nan
   u += 0x7fffu + ((u >> 16) & 1u);
@@ -77,7 +97,7 @@ DK_HD bf16 from_float<bf16>(float v) {
 }
 
 template <>
-DK_HD f16 from_float<f16>(float v) {
+DK_HD f16 narrow<f16>(float v) {
   const uint32_t u = float_bits(v);
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t abs = u & 0x7fffffffu;

@@ -3,6 +3,8 @@
 // for the CUDA handlers (DK_PLATFORM_CUDA), so the CUDA module only exists where it was built.
 #include <pybind11/pybind11.h>
 
+#include <string>
+
 #include "dk_targets.h"
 
 #if defined(DK_PLATFORM_CUDA)
@@ -22,11 +24,13 @@ DK_TARGETS(DK_DECLARE_CPU)
 namespace py = pybind11;
 
 PYBIND11_MODULE(DK_MODULE, m) {
-  m.doc() = "dk-jax XLA FFI handlers, as capsules keyed by target name.";
+  m.doc() = "dk-jax XLA FFI handlers, as capsules keyed by (versioned) target name.";
+  m.def("target_suffix", []() { return std::string(DK_TARGET_SUFFIX); });
   m.def("registrations", []() {
     py::dict d;
-#define DK_ENTRY(name) \
-  d[#name] = py::capsule(reinterpret_cast<void*>(&DK_SUFFIX(name)), "xla._CUSTOM_CALL_TARGET");
+#define DK_ENTRY(name)                                                            \
+  d[#name DK_TARGET_SUFFIX] =                                                     \
+      py::capsule(reinterpret_cast<void*>(&DK_SUFFIX(name)), "xla._CUSTOM_CALL_TARGET");
     DK_TARGETS(DK_ENTRY)
 #undef DK_ENTRY
     return d;
