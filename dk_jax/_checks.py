@@ -1,4 +1,4 @@
-"""Argument checking for the public ops (SPEC section 8).
+"""Argument checking for the public ops (docs/OPERATORS.md, "Special values and empty input").
 
 Everything here runs on shapes and dtypes only, before any tracing, and raises ValueError or
 TypeError naming the argument, what was expected and what came.

@@ -1,4 +1,4 @@
-"""The public operators of SPEC section 4: argument checks, then the ffi primitives or the
+"""The public operators (docs/OPERATORS.md): argument checks, then the ffi primitives or the
 pure-jax.numpy reference.
 
 Layouts are channels last. `rotation` holds kernel-space offsets, index
@@ -261,7 +261,7 @@ def scope_im2col(
                             * beta_{s,t}(a + r_y + (Sh-Kh)/2, b + r_x + (Sw-Kw)/2)
 
     where beta_{s,t}(u, v) is the bilinear weight of scope position (s, t) in a read at (u, v)
-    (zero-outside rule of SPEC section 3) and (r_y, r_x) the rotation of tap (a, b), group
+    (the zero-outside rule of docs/OPERATORS.md) and (r_y, r_x) the rotation of tap (a, b), group
     c % rotation_groups. Any kernel W over the scope then gives the local deformable
     convolution as one matmul: y[n,i,j,f] = sum_{s,t,c} cols[n,i,j,s,t,c] * W[s,t,c,f]; with a
     depthwise W this is `sample_depthwise`.

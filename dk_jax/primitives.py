@@ -463,7 +463,8 @@ def _may_be_split(ctx) -> bool:
 def _batch_partitioned_call(ctx, target: str, args, n: int, *, shares: bool, **attributes):
     """The custom call `target` with every operand and the result carrying the batch axis n:
     an operand with leading axis 1 (a shared weight or table) is broadcast to n, and a result
-    with leading axis 1 (its gradient) is computed per sample and summed in float32; the call
+    with leading axis 1 (its gradient) is computed per sample and summed in float32 (float64 for
+    float64 operands); the call
     is marked batch-partitionable where it may be split (`_may_be_split`). A target that
     `shares` (takes a leading axis of 1 itself) is called as it is where it cannot be split."""
     split = _may_be_split(ctx)
@@ -484,7 +485,9 @@ def _batch_partitioned_call(ctx, target: str, args, n: int, *, shares: bool, **a
     (result,) = rule(ctx.replace(avals_in=avals_in, avals_out=[full]), *operands, **attributes)
     if full is not out:
         result = _lower_jnp(
-            lambda g: jnp.sum(g, axis=0, keepdims=True, dtype=jnp.promote_types(g.dtype, jnp.float32)).astype(g.dtype),
+            lambda g: jnp.sum(
+                g, axis=0, keepdims=True, dtype=jnp.promote_types(g.dtype, jnp.float32)
+            ).astype(g.dtype),
             ctx,
             full,
             out,
@@ -783,7 +786,9 @@ def _nd_out_aval(mode, *args, data_shape=None):
 
 def _nd_lowering(mode, ctx, *args, **_):
     n = ctx.avals_in[ND_ROLES[mode].index("coord")].shape[0]
-    return _batch_partitioned_call(ctx, f"dk_nd_{mode}{_ffi.target_suffix()}", args, n, shares=False)
+    return _batch_partitioned_call(
+        ctx, f"dk_nd_{mode}{_ffi.target_suffix()}", args, n, shares=False
+    )
 
 
 def _nd_reference_mode(mode, named, data_shape=None):

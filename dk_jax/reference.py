@@ -1,10 +1,11 @@
 """The pure `jax.numpy` reference of the dk-jax operators (the "xla" implementation).
 
-This module is the test oracle: a direct, readable transcription of SPEC.md section 3, written
-independently of the C++/CUDA kernels in `xla_ffi/` and sharing no code with them. JAX
-differentiates it by itself, so its gradients are the ones the ffi path must match.
+This module is the test oracle: a direct, readable transcription of the formulas in
+docs/OPERATORS.md, written independently of the C++/CUDA kernels in `xla_ffi/` and sharing no
+code with them. JAX differentiates it by itself, so its gradients are the ones the ffi path
+must match.
 
-Layouts (channels last, SPEC.md section 2):
+Layouts (channels last, docs/OPERATORS.md):
 
     x         (N, H, W, C)
     weight    (Sh, Sw, C)                 scope-sized depthwise kernel

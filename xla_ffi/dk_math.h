@@ -3,7 +3,7 @@
 // where a tap samples, the bilinear / multilinear weights and their derivatives, and how a
 // footprint blends values. The loops around it only decide who computes which element.
 //
-// Conventions (SPEC.md section 3): a read at real position (u, v) of an R x Q plane is zero when
+// Conventions (docs/OPERATORS.md): a read at real position (u, v) of an R x Q plane is zero when
 // u <= -1, v <= -1, u >= R or v >= Q; otherwise the four corners floor / floor+1 are blended and
 // a corner outside the plane contributes zero. Derivatives are those of the blend, taking the
 // right derivative at integers. +-inf positions fall outside (exact zero); NaN positions give
