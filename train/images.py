@@ -183,7 +183,30 @@ def _compact(paths: Sequence[str]) -> tuple[str, np.ndarray]:
     return prefix[:cut], np.asarray([os.fsencode(p[cut:]) for p in paths], dtype=bytes)
 
 
-class TrainElements:
+class _Elements:
+    """What both element streams hold: the paths (compacted), labels and augmentation, and
+    this process's slice of each global batch (b = B / process_count samples from offset
+    process_index * b)."""
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        labels: np.ndarray,
+        aug: Augment,
+        *,
+        global_batch: int,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        self.root, self.paths = _compact(paths)
+        self.labels = np.asarray(labels, np.int32)
+        self.aug = aug
+        self.global_batch = global_batch
+        self.local_batch = global_batch // process_count
+        self.offset = process_index * self.local_batch
+
+
+class TrainElements(_Elements):
     """Element j of one process's training stream -> one decoded, augmented sample.
 
     With B = global_batch, b = B / process_count and E = n // B steps per epoch, element j
@@ -194,24 +217,11 @@ class TrainElements:
     """
 
     def __init__(
-        self,
-        paths: Sequence[str],
-        labels: np.ndarray,
-        aug: Augment,
-        *,
-        seed: int,
-        global_batch: int,
-        process_index: int = 0,
-        process_count: int = 1,
+        self, paths: Sequence[str], labels: np.ndarray, aug: Augment, *, seed: int, **split
     ):
-        self.root, self.paths = _compact(paths)
-        self.labels = np.asarray(labels, np.int32)
-        self.aug = aug
+        super().__init__(paths, labels, aug, **split)
         self.seed = seed
-        self.global_batch = global_batch
-        self.local_batch = global_batch // process_count
-        self.offset = process_index * self.local_batch
-        self.steps_per_epoch = len(self.paths) // global_batch
+        self.steps_per_epoch = len(self.paths) // self.global_batch
         self._order: tuple[int, np.ndarray] | None = None
 
     def __getstate__(self):
@@ -232,27 +242,13 @@ class TrainElements:
         return _element(path, self.labels[i], i, self.aug, (self.seed, epoch, i))
 
 
-class EvalElements:
+class EvalElements(_Elements):
     """Element j of one process's evaluation stream: eval batch t = j // b covers split indices
     t * B + process_index * b + (j mod b); indices past the split are padding (mask 0)."""
 
-    def __init__(
-        self,
-        paths: Sequence[str],
-        labels: np.ndarray,
-        aug: Augment,
-        *,
-        global_batch: int,
-        process_index: int = 0,
-        process_count: int = 1,
-    ):
-        self.root, self.paths = _compact(paths)
-        self.labels = np.asarray(labels, np.int32)
-        self.aug = aug
-        self.global_batch = global_batch
-        self.local_batch = global_batch // process_count
-        self.offset = process_index * self.local_batch
-        self.num_batches = -(-len(self.paths) // global_batch)
+    def __init__(self, paths: Sequence[str], labels: np.ndarray, aug: Augment, **split):
+        super().__init__(paths, labels, aug, **split)
+        self.num_batches = -(-len(self.paths) // self.global_batch)
 
     def __len__(self) -> int:
         return self.num_batches * self.local_batch
