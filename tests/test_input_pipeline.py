@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_train import PY, REPO, TINY, make_folder, train_env
+from test_train import PY, REPO, TINY, evaluate_run, make_folder, train_env
 
 from train import images, input_pipeline
 from train.images import DatasetError
@@ -353,14 +353,5 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, j
     assert [e["step"] for e in logged] == [4, 8, 12]
     assert all(np.isfinite(e["train_loss"]) for e in logged)
     # The kept checkpoint is whole and finite: evaluating it works.
-    ev = subprocess.run(
-        [PY, "-m", "train.evaluate", "--checkpoint", str(tmp_path / "run")],
-        cwd=REPO,
-        env=train_env(1, jax_cache),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert ev.returncode == 0, ev.stderr[-4000:]
-    result = json.loads(ev.stdout.strip().splitlines()[-1])
+    result = evaluate_run(tmp_path / "run", jax_cache)
     assert result["step"] == 10 and np.isfinite(result["val_loss"])

@@ -94,6 +94,20 @@ def train_env(devices: int = 1, cache: Path | None = None) -> dict:
     return env
 
 
+def evaluate_run(run_dir: Path, cache: Path | None = None) -> dict:
+    """`python -m train.evaluate` of a run's latest checkpoint, in a subprocess: its JSON line."""
+    out = subprocess.run(
+        [PY, "-m", "train.evaluate", "--checkpoint", str(run_dir)],
+        cwd=REPO,
+        env=train_env(1, cache),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def jax_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("jax_cache")
@@ -517,16 +531,7 @@ def test_a_bfloat16_run_is_evaluated_from_its_run_directory(tmp_path, jax_cache)
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-4000:]
-    out = subprocess.run(
-        [PY, "-m", "train.evaluate", "--checkpoint", str(tmp_path / "run")],
-        cwd=REPO,
-        env=train_env(1, jax_cache),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = evaluate_run(tmp_path / "run", jax_cache)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert result["step"] == 3 and result["val_images"] == 9
     assert result["val_top1"] == pytest.approx(summary["val_top1"])
