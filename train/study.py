@@ -43,8 +43,11 @@ ANALYSIS_VERSION = 1
 PRIMARY = ("last", "r50")  # the decision rule's statistic: r50 of the last stage's unit
 
 DECISION_RULE = """\
-Registered on 2026-11-30, before any run of this design was trained; `train.erf_scale.decide`
-implements it and `tests/test_study.py` checks that it returns each verdict.
+Registered on 2026-11-30, before the study's runs; `train.erf_scale.decide` implements it and
+`tests/test_study.py` checks that it returns each verdict. Only the budget pilots had been
+trained (seed 0 of `frozen`, 1000 steps, and of `local_dk`, 800 steps); the frozen pilot's
+exponents (0.12 learned, 1.01 zoomed back) were seen while the measurement was tested, before
+the rule was written; the `local_dk` pilot was analysed after it.
 
 - **Statistic.** Per run, e = the slope of log(mean r50 over the val images at scale s) on
   log(s), for the unit of the last stage at the object's centre, with the offsets the model
@@ -604,6 +607,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"--arms: unknown {unknown}; choose from {', '.join(study_config.ARMS)}"
             )
         workdir = Path(args.workdir or config.workdir)
+        # The runs of an arm differ only in their values: later seeds reuse the compilations.
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
         walls = train_all(config, args.arms, args.seeds, workdir)
         log.info("analysis")
         results = {
