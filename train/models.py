@@ -37,6 +37,7 @@ def spatial_conv(
     scope_size: int = 4,
     rotation_groups: int = 1,
     rotation_clip: Any = "scope",
+    offset_clip: Any = None,
     num_experts: int = 4,
     dtype: Any = jnp.float32,
     implementation: str | None = None,
@@ -48,6 +49,8 @@ def spatial_conv(
         raise ValueError(f"unknown conv {kind!r}; choose one of {', '.join(CONVS)}")
     if isinstance(rotation_clip, list):
         rotation_clip = tuple(rotation_clip)
+    if isinstance(offset_clip, list):
+        offset_clip = tuple(offset_clip)
     common = dict(use_bias=False, dtype=dtype)
     dk = dict(common, implementation=implementation)
 
@@ -69,7 +72,7 @@ def spatial_conv(
         if kind == "depthwise":
             return nn.Conv(features, feature_group_count=features, **geo, **common)
         if kind == "dcn":
-            return dkm.DeformConv2d(features=features, **geo, **dk)
+            return dkm.DeformConv2d(features=features, offset_clip=offset_clip, **geo, **dk)
         if kind == "global_dk":
             return dkm.GlobalDeformKernel2d(
                 features, scope, feature_group_count=features, **geo, **dk
@@ -89,6 +92,7 @@ def spatial_conv(
                 features=features,
                 rotation_groups=rotation_groups,
                 rotation_clip=rotation_clip,
+                offset_clip=offset_clip,
                 **geo,
                 **dk,
             )
@@ -275,6 +279,7 @@ def create_model(model_config, num_classes: int) -> nn.Module:
         scope_size=mc.scope_size,
         rotation_groups=mc.rotation_groups,
         rotation_clip=mc.rotation_clip,
+        offset_clip=mc.offset_clip,
         num_experts=mc.num_experts,
         implementation=mc.implementation,
     )

@@ -56,6 +56,9 @@ def get_config() -> Config:
             rotation_groups=1,
             # "scope", None, or a (min, max) pair (local_dk, dk_dcn).
             rotation_clip="scope",
+            # dcn, dk_dcn: None or a (min, max) pair for the image offsets (pixels, before the
+            # dilation factor).
+            offset_clip=None,
             num_experts=4,  # condconv
             width=64,  # small_resnet: first stage width; mobilenetv2: ignored
             width_multiplier=1.0,  # mobilenetv2
