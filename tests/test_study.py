@@ -193,3 +193,23 @@ def test_study_end_to_end(tmp_path):
     assert study.main(args) == 0
     assert "A hand-written remark." in (tmp_path / "RESULTS.md").read_text()
     assert summary.stat().st_mtime_ns == trained_at
+
+
+def test_offset_clip_reaches_the_dcn_layers(tmp_path):
+    run = _toy_run("dcn", tmp_path)
+    config = load_config(
+        "digits_scaled_study", ["model.width=4", "model.stage_sizes=(1,1,1)", "model.conv=dcn"]
+    )
+    assert config.model.offset_clip == (-2.0, 2.0)
+    far = erf_scale.hand_set(run, run.variables, 9.0)  # asks for offsets of 8 px at the corners
+    _, state = run.model.apply(
+        far, np.zeros((1, 48, 48, 1), np.float32), train=False, mutable=["intermediates"]
+    )
+    offsets = [
+        np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state["intermediates"])
+        if any(getattr(k, "key", None) == "offset" for k in path)
+    ]
+    assert len(offsets) == 3  # the adaptive stages' blocks
+    for o in offsets:
+        assert o.max() == 2.0 and o.min() == -2.0
