@@ -1,21 +1,23 @@
-"""The deformed-digits study: every conv choice at one budget, several seeds, a scale test of
-the effective receptive field, and docs/RESULTS.md.
+"""The scale study: does a deformable layer's effective receptive field (ERF) follow the
+object's scale? A pre-registered test on `digits_scaled` (see train/configs/digits_scaled_study.py
+and train/erf_scale.py).
 
-    python -m train.study [--config deformed_digits_study] [--set key=value ...]
-                          [--convs depthwise local_dk ...] [--seeds 0 1 2]
-                          [--workdir runs/study] [--docs docs]
+    python -m train.study [--config digits_scaled_study] [--set key=value ...]
+                          [--arms frozen local_dk dcn dk_dcn] [--seeds 0 1 2 3 4]
+                          [--erf-sources 48] [--workdir runs/scale_study] [--docs docs]
 
-1. Trains the small ResNet on `digits_deformed` once per (conv, seed) into
-   `<workdir>/<conv>_s<seed>/` with `train.train.train_and_evaluate` (a finished run, one with
-   summary.json at the full step count, is skipped; an interrupted one resumes).
-2. Scale test, per run (cached in `scale_test.json` / `mean_erf.npz` of the run): the val
-   digits zoomed about the centre by each scale; top-1 at each scale, and the ERF of the last
-   stage's centre unit on a fixed subset, with the radii holding 50% and 90% of its mass.
-3. Writes `<docs>/RESULTS.md` and small PNGs under `<docs>/study/`. Text between the
-   `<!-- notes -->` and `<!-- /notes -->` markers of an existing RESULTS.md is kept.
-
-The ERF "follows the object" when its radius grows in proportion to the scale: the study fits
-log r50 = e * log scale + c per run and reports the exponent e (1: proportional, 0: fixed).
+1. Trains the small ResNet once per (arm, seed) into `<workdir>/<arm>_s<seed>/` with
+   `train.train.train_and_evaluate`, seed-major (a study cut short has every arm of its first
+   seeds). A finished run (summary.json at the full step count) is skipped; an interrupted one
+   resumes. The arms of one seed see the same images in the same order.
+2. Analyses every run (cached in its `scale_study.json`): top-1 at every val scale; on the val
+   digits of `--erf-sources` fixed source digits at every scale, the ERF radii of a unit at
+   the object's centre (last stage and the stage before), with the run's learned offsets, the
+   zoomed-back input (positive control) and hand-set offsets (ceiling), and the share of
+   kernel taps on the scope border.
+3. Applies the decision rule (`DECISION_RULE`, fixed before the runs) and writes
+   `<docs>/RESULTS.md` and `<docs>/study/*.png`. Text between `<!-- notes -->` and
+   `<!-- /notes -->` of an existing RESULTS.md is kept.
 """
 
 from __future__ import annotations
@@ -32,16 +34,42 @@ from pathlib import Path
 import numpy as np
 
 from train.config import Config, ConfigError, load_config
-from train.configs import deformed_digits_study as study_config
+from train.configs import digits_scaled_study as study_config
 from train.images import DatasetError
 
 log = logging.getLogger("train.study")
-BASELINE = "depthwise"
 NOTES = ("<!-- notes -->", "<!-- /notes -->")
+ANALYSIS_VERSION = 1
+PRIMARY = ("last", "r50")  # the decision rule's statistic: r50 of the last stage's unit
+
+DECISION_RULE = """\
+Registered on 2026-11-30, before the study's runs; `train.erf_scale.decide` implements it and
+`tests/test_study.py` checks that it returns each verdict. Only the budget pilots had been
+trained (seed 0 of `frozen`, 1000 steps, and of `local_dk`, 800 steps); the frozen pilot's
+exponents (0.12 learned, 1.01 zoomed back) were seen while the measurement was tested, before
+the rule was written; the `local_dk` pilot was analysed after it.
+
+- **Statistic.** Per run, e = the slope of log(mean r50 over the val images at scale s) on
+  log(s), for the unit of the last stage at the object's centre, with the offsets the model
+  predicts (r90, the RMS radius and the intermediate stage are reported, not decided on).
+- **Controls, every run.** Positive: the same exponent with the input zoomed back by 1/s
+  about the object's centre must be >= 0.8, else the run is void (the measurement could not
+  see an effect); a pair of runs (arm, seed) and (frozen, seed) counts only if neither is
+  void. Ceiling: e_max(run) = the largest exponent over the hand-set offsets that put every
+  adaptive layer's taps at s^a times their rigid distance from the kernel centre, a = +1 or
+  -1; e_max(arm) is its mean over the arm's valid runs. Negative: the frozen baseline (the
+  same layer as `local_dk` with its rotation held at zero).
+- **Verdict per arm.** With Delta = e(arm) - e(frozen) paired by seed and its 95% Student t
+  interval over the valid pairs: **supported** if mean Delta >= 0.5 e_max(arm) and the
+  interval excludes 0; **contradicted** if the interval's upper bound is below
+  0.25 e_max(arm), with the controls passing (every positive control passed, e_max(arm) >= 0.1);
+  otherwise, or with fewer than 3 valid pairs, **inconclusive**.
+- **Accuracy.** Val top-1 per scale and overall, mean and 95% t-interval over the seeds, and
+  the paired differences against the frozen baseline with their intervals."""
 
 
-def run_name(conv: str, seed: int) -> str:
-    return f"{conv}_s{seed}"
+def run_name(arm: str, seed: int) -> str:
+    return f"{arm}_s{seed}"
 
 
 def finished(run_dir: Path, steps: int) -> bool:
@@ -55,32 +83,38 @@ def total_steps(config: Config) -> int:
     raise ConfigError("the study fixes its budget in steps: set optim.num_steps > 0")
 
 
-def train_all(config: Config, convs, seeds, workdir: Path) -> dict[str, float]:
-    """Trains every (conv, seed) not finished yet; returns the wall seconds of those it ran."""
+def arm_config(config: Config, arm: str, seed: int, workdir: Path) -> Config:
+    conv, freeze = study_config.ARMS[arm]
+    c = config.copy()
+    c.model.conv = conv
+    c.optim.freeze = tuple(freeze)
+    c.seed = seed
+    c.workdir = str(workdir / run_name(arm, seed))
+    c.name = f"{config.name}/{run_name(arm, seed)}"
+    return c
+
+
+def train_all(config: Config, arms, seeds, workdir: Path) -> dict[str, float]:
+    """Trains every (arm, seed) not finished yet; returns the wall seconds of those it ran."""
     from train.train import train_and_evaluate
 
     steps = total_steps(config)
     walls = {}
-    for seed in seeds:  # seed-major: a run cut short still has every variant of seed 0
-        for conv in convs:
-            run_dir = workdir / run_name(conv, seed)
+    for seed in seeds:
+        for arm in arms:
+            run_dir = workdir / run_name(arm, seed)
             if finished(run_dir, steps):
                 log.info("%s: finished, skipped", run_dir)
                 continue
-            c = config.copy()
-            c.model.conv = conv
-            c.seed = seed
-            c.workdir = str(run_dir)
-            c.name = f"{config.name}/{run_name(conv, seed)}"
             t0 = time.time()
-            train_and_evaluate(c, run_dir)
-            walls[run_name(conv, seed)] = time.time() - t0
+            train_and_evaluate(arm_config(config, arm, seed, workdir), run_dir)
+            walls[run_name(arm, seed)] = time.time() - t0
     return walls
 
 
 def step_time(run_dir: Path, batch_size: int) -> float:
-    """Median seconds per training step from metrics.jsonl, leaving out the first logging
-    window (it includes the compilation)."""
+    """Median seconds per training step over the logging windows after the first (which holds
+    the compilation)."""
     from train.report import read_metrics
 
     rates = [
@@ -90,366 +124,438 @@ def step_time(run_dir: Path, batch_size: int) -> float:
     return float(batch_size / np.median(rates)) if rates else float("nan")
 
 
-def scale_test(run_dir: Path, scales, erf_images: int) -> dict:
-    """Top-1 and ERF radii of one run at every scale; cached in the run directory."""
-    from train import visualize
+# --- per-run analysis -------------------------------------------------------------------------
 
-    cache = run_dir / "scale_test.json"
-    key = {"scales": list(scales), "erf_images": erf_images}
+
+def analyse(run_dir: Path, erf_sources: int) -> dict:
+    """Accuracy, ERF radii under the three conditions, exponents and the border share of one
+    run; cached in `scale_study.json` (mean ERF maps in `scale_erf.npz`)."""
+    from train import erf_scale, visualize
+    from train.report import write_json_atomic
+
+    cache = run_dir / "scale_study.json"
+    key = {"version": ANALYSIS_VERSION, "erf_sources": erf_sources}
     if cache.is_file():
         cached = json.loads(cache.read_text())
         if cached.get("key") == key:
             return cached
     run = visualize.load_run(run_dir)
-    images, labels = visualize.load_val_images(run)
-    subset = np.sort(np.random.default_rng(0).choice(len(images), erf_images, replace=False))
-    top1, r50, r90, maps = [], [], [], []
-    for scale in scales:
-        scaled = visualize.render_at_scale(images, scale)
-        top1.append(float(np.mean(visualize.predict(run, scaled) == labels)))
-        erf, radii = visualize.measure_erf(run, scaled[subset], masses=(0.5, 0.9))
-        r50.append(radii[:, 0].tolist())
-        r90.append(radii[:, 1].tolist())
-        maps.append((erf / erf.sum(axis=(1, 2), keepdims=True)).mean(0))
+    images, labels, scales, centres, sources = erf_scale.load_val(run)
+    levels = sorted(set(scales.tolist()))
+    predicted = visualize.predict(run, images)
+    top1 = [float(np.mean(predicted[scales == s] == labels[scales == s])) for s in levels]
+
+    chosen = np.random.default_rng(0).choice(np.unique(sources), erf_sources, replace=False)
+    subset = np.isin(sources, chosen)
+    pix, sc, ce = images[subset].astype(np.float32), scales[subset], centres[subset]
+    if not np.all(ce == ce[0]):
+        raise DatasetError("the scale study expects every val digit at one centre")
+    adaptive = not run.config.optim.freeze  # the frozen baseline has no offsets to set
+
+    conditions: dict = {}
+    maps = {}
+    for stage, block in erf_scale.stage_blocks(run).items():
+        unit, unit_centre = erf_scale.unit_at(run, block, ce[0])
+        found = {}
+        erf, found["learned"] = erf_scale.measure(run, run.variables, pix, sc, ce, block)
+        if stage == "last":
+            maps = {s: erf[sc == s].mean(0) for s in levels}
+        _, found["zoom_back"] = erf_scale.measure(
+            run, run.variables, pix, sc, ce, block, zoom_back=True
+        )
+        if adaptive:
+            for a in erf_scale.HAND_SET_POWERS:
+                r = np.zeros((len(pix), 3), np.float32)
+                for s in levels:
+                    at = sc == s
+                    variables = erf_scale.hand_set(run, run.variables, s**a)
+                    _, r[at] = erf_scale.measure(run, variables, pix[at], sc[at], ce[at], block)
+                found[f"hand_set_{a:+g}"] = r
+        conditions[stage] = {
+            "unit": list(unit),
+            "unit_centre": list(unit_centre),
+            **{
+                name: {
+                    stat: {
+                        "mean": [float(np.nanmean(r[sc == s, k])) for s in levels],
+                        "e": erf_scale.exponent(
+                            levels, [np.nanmean(r[sc == s, k]) for s in levels]
+                        ),
+                    }
+                    for k, stat in enumerate(erf_scale.STATS)
+                }
+                for name, r in found.items()
+            },
+        }
+    border = [erf_scale.border_share(run, run.variables, pix[sc == s]) for s in levels]
+    summary = json.loads((run_dir / "summary.json").read_text())
     result = {
         "key": key,
         "conv": run.conv,
+        "freeze": list(run.config.optim.freeze),
+        "params": summary["params"],
+        "val_top1": summary["val_top1"],
+        "train_s": summary["train_s"],
+        "step_s": step_time(run_dir, run.config.optim.batch_size),
+        "scales": levels,
         "top1": top1,
-        "r50": r50,
-        "r90": r90,
-        "centre_unit": list(visualize.centre_unit(run)[0]),
+        "erf_images": int(subset.sum()),
+        "stages": conditions,
+        "border_share": border,
     }
-    np.savez_compressed(run_dir / "mean_erf.npz", maps=np.stack(maps), scales=np.asarray(scales))
-    from train.report import write_json_atomic
-
+    np.savez_compressed(
+        run_dir / "scale_erf.npz", maps=np.stack([maps[s] for s in levels]), scales=levels
+    )
     write_json_atomic(cache, result)
     return result
 
 
-def elasticity(scales, radii) -> float:
-    """Slope of log(mean radius) against log(scale): 1 when the radius is proportional to the
-    scale, 0 when it does not move."""
-    mean = np.asarray([np.nanmean(r) for r in radii])
-    return float(np.polyfit(np.log(scales), np.log(mean), 1)[0])
+# --- the report ---------------------------------------------------------------------------------
 
 
-def pooled_correlation(scales, radii) -> float:
-    """Pearson correlation between the scale and the per-image radius, over all images."""
-    x = np.concatenate([np.full(len(r), s) for s, r in zip(scales, radii, strict=True)])
-    y = np.concatenate([np.asarray(r, float) for r in radii])
-    ok = np.isfinite(y)
-    return float(np.corrcoef(x[ok], y[ok])[0, 1])
+def exponent_of(result: dict, condition: str, stage: str = "last", stat: str = "r50") -> float:
+    return result["stages"][stage][condition][stat]["e"]
 
 
-def _ms(values, fmt="{:.3f}") -> str:
-    values = np.asarray(values, float)
-    if len(values) < 2:
-        return fmt.format(values.mean())
-    return f"{fmt.format(values.mean())} ± {fmt.format(values.std(ddof=1))}"
+def e_max_of(result: dict) -> float:
+    """The run's ceiling: the largest hand-set exponent of the primary statistic."""
+    from train import erf_scale
+
+    stage, stat = PRIMARY
+    return max(
+        exponent_of(result, f"hand_set_{a:+g}", stage, stat) for a in erf_scale.HAND_SET_POWERS
+    )
 
 
-def _std(values) -> float:
-    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+def positive_ok(result: dict) -> bool:
+    from train import erf_scale
+
+    return exponent_of(result, "zoom_back", *PRIMARY) >= erf_scale.POSITIVE_MIN
 
 
-def collect(config: Config, convs, seeds, workdir: Path, scales, erf_images: int) -> dict:
-    """Everything the report needs, per conv: lists over the seeds."""
+def verdicts(results: dict[str, dict[int, dict]]) -> dict[str, dict]:
+    """The decision rule per arm against the baseline (results: arm -> seed -> analysis)."""
+    from train import erf_scale
+
+    base = results.get(study_config.BASELINE, {})
     out = {}
-    for conv in convs:
-        rows = []
-        for seed in seeds:
-            run_dir = workdir / run_name(conv, seed)
-            summary = json.loads((run_dir / "summary.json").read_text())
-            st = scale_test(run_dir, scales, erf_images)
-            rows.append(
-                {
-                    "seed": seed,
-                    "val_top1": summary["val_top1"],
-                    "params": summary["params"],
-                    "train_s": summary["train_s"],
-                    "step_s": step_time(run_dir, config.optim.batch_size),
-                    "scale_top1": st["top1"],
-                    "r50": [float(np.nanmean(r)) for r in st["r50"]],
-                    "r90": [float(np.nanmean(r)) for r in st["r90"]],
-                    "e50": elasticity(scales, st["r50"]),
-                    "e90": elasticity(scales, st["r90"]),
-                    "corr50": pooled_correlation(scales, st["r50"]),
-                }
-            )
-        out[conv] = rows
+    for arm, runs in results.items():
+        if arm == study_config.BASELINE:
+            continue
+        pairs = [s for s in runs if s in base and positive_ok(runs[s]) and positive_ok(base[s])]
+        delta = [
+            exponent_of(runs[s], "learned", *PRIMARY) - exponent_of(base[s], "learned", *PRIMARY)
+            for s in pairs
+        ]
+        valid = [r for r in runs.values() if positive_ok(r)]
+        e_max = float(np.mean([e_max_of(r) for r in valid])) if valid else float("nan")
+        all_ok = all(positive_ok(r) for r in runs.values()) and all(
+            positive_ok(base[s]) for s in runs if s in base
+        )
+        verdict, (mean, low, high) = erf_scale.decide(delta, e_max, all_ok)
+        out[arm] = {
+            "pairs": pairs,
+            "delta": delta,
+            "mean": mean,
+            "low": low,
+            "high": high,
+            "e_max": e_max,
+            "controls_ok": all_ok,
+            "verdict": verdict,
+        }
     return out
 
 
-def verdict(results: dict, key: str, higher_is: str) -> list[str]:
-    """One sentence per adaptive conv: does it beat the baseline by more than the spread?
-    'Beyond the spread' means the mean ± std intervals over the seeds do not overlap."""
-    if BASELINE not in results:
-        return []
-    base = np.asarray([r[key] for r in results[BASELINE]])
-    lines = []
-    for conv, rows in results.items():
-        if conv == BASELINE:
-            continue
-        v = np.asarray([r[key] for r in rows])
-        diff = v.mean() - base.mean()
-        spread = _std(v) + _std(base)
-        if abs(diff) > spread:
-            word = "above" if diff > 0 else "below"
-            outcome = f"**{word}** the baseline beyond the spread"
-        else:
-            outcome = "within the spread of the baseline (no clear difference)"
-        lines.append(
-            f"- `{conv}`: {higher_is} {v.mean():.3f} vs {base.mean():.3f} "
-            f"(difference {diff:+.3f}, sum of stds {spread:.3f}): {outcome}."
-        )
-    return lines
+def _ci(values, fmt="{:.3f}") -> str:
+    from train import erf_scale
 
-
-def plot_all(
-    results: dict, scales, workdir: Path, figures: Path, seeds, batch_size: int
-) -> list[Path]:
-    from train import visualize
-
-    plt = visualize._pyplot()
-    figures.mkdir(parents=True, exist_ok=True)
-    paths = []
-
-    fig, ax = plt.subplots(figsize=(4.6, 3.4))
-    for k, (conv, rows) in enumerate(results.items()):
-        acc = np.asarray([r["val_top1"] for r in rows])
-        st = np.asarray([r["step_s"] for r in rows]) * 1000
-        ax.errorbar(
-            st.mean(),
-            acc.mean(),
-            xerr=_std(st),
-            yerr=_std(acc),
-            fmt="o",
-            color=f"C{k}",
-            capsize=3,
-            label=conv,
-        )
-    ax.set_xlabel(f"training step time (ms, batch {batch_size}, 2-core CPU)")
-    ax.set_ylabel("val top-1")
-    ax.set_title("accuracy against step time (mean ± std over seeds)", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(figures / "accuracy_vs_step_time.png")
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.3))
-    for k, (conv, rows) in enumerate(results.items()):
-        r50 = np.asarray([r["r50"] for r in rows])
-        acc = np.asarray([r["scale_top1"] for r in rows])
-        axes[0].errorbar(
-            scales, r50.mean(0), yerr=r50.std(0), marker="o", color=f"C{k}", capsize=2, label=conv
-        )
-        axes[1].errorbar(
-            scales, acc.mean(0), yerr=acc.std(0), marker="o", color=f"C{k}", capsize=2, label=conv
-        )
-    base = np.asarray([r["r50"] for r in results.get(BASELINE, next(iter(results.values())))])
-    ref = base.mean(0)[list(scales).index(1.0)] if 1.0 in scales else base.mean()
-    axes[0].plot(
-        scales, ref * np.asarray(scales), "k--", linewidth=0.8, label="proportional to scale"
-    )
-    axes[0].set_xlabel("object scale")
-    axes[0].set_ylabel("ERF radius holding 50% mass (px)")
-    axes[1].set_xlabel("object scale")
-    axes[1].set_ylabel("val top-1")
-    axes[0].legend(fontsize=6)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.suptitle("scale test (mean ± std over seeds)", fontsize=9)
-    fig.tight_layout()
-    paths.append(figures / "scale_test.png")
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
-
-    # Mean normalised ERF per conv and scale (seed 0), square-root shaded.
-    convs = list(results)
-    fig, axes = plt.subplots(
-        len(convs), len(scales), figsize=(1.25 * len(scales), 1.3 * len(convs)), squeeze=False
-    )
-    for a, conv in enumerate(convs):
-        maps = np.load(workdir / run_name(conv, seeds[0]) / "mean_erf.npz")["maps"]
-        for b, scale in enumerate(scales):
-            ax = axes[a, b]
-            shown = np.sqrt(maps[b] / maps[b].max())
-            ax.imshow(shown, cmap="magma", vmin=0, vmax=1, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if a == 0:
-                ax.set_title(f"x{scale:g}", fontsize=7)
-            if b == 0:
-                ax.set_ylabel(conv, fontsize=7)
-    fig.suptitle("mean ERF of the centre unit (sqrt), seed 0", fontsize=8)
-    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 0.95))
-    paths.append(figures / "mean_erf.png")
-    fig.savefig(paths[-1], dpi=70)
-    plt.close(fig)
-
-    adaptive = "local_dk" if "local_dk" in results else next(iter(results))
-    run = visualize.load_run(workdir / run_name(adaptive, seeds[0]))
-    runs = [run]
-    if BASELINE in results and adaptive != BASELINE:
-        runs.append(visualize.load_run(workdir / run_name(BASELINE, seeds[0])))
-    images, _ = visualize.load_val_images(run, limit=3, seed=1)
-    paths.append(
-        visualize.erf_figure(runs, images, (0.6, 1.0, 1.4), figures / f"erf_{adaptive}.png")
-    )
-    kp = visualize.kernel_positions_figure(
-        run, images, (0.6, 1.0, 1.4), figures / f"kernel_positions_{adaptive}.png"
-    )
-    if kp is not None:
-        paths.append(kp)
-    return paths
+    v = np.asarray(values, float)
+    if len(v) < 2:
+        return fmt.format(v.mean())
+    mean, low, high = erf_scale.t_interval(v)
+    return f"{fmt.format(mean)} [{fmt.format(low)}, {fmt.format(high)}]"
 
 
 def write_results(
     path: Path,
     results: dict,
-    scales,
     config: Config,
     walls: dict,
     figures: Path,
     notes: str,
     study_wall: float | None,
+    decided: dict,
 ) -> None:
+    from train import erf_scale
+
     rel = figures.relative_to(path.parent)
     steps = total_steps(config)
     o = config.optim
-    n_seeds = len(next(iter(results.values())))
+    any_run = next(iter(next(iter(results.values())).values()))
+    levels = any_run["scales"]
+    seeds = sorted({s for runs in results.values() for s in runs})
     lines = [
-        "# Results: deformable kernels on deformed digits",
+        "# Results: does the deformable kernels' receptive field follow the object's scale?",
         "",
-        "Written by `make study` (`python -m train.study`); numbers come from the runs under "
-        "`runs/study/`. "
-        f"Small ResNet (width {config.model.width}, stages {tuple(config.model.stage_sizes)}, "
-        f"adaptive stages {tuple(config.model.adaptive_stages)}) on the embedded "
-        f"`digits_deformed` data (32x32, 10 classes), {steps} SGD steps of {o.batch_size} "
-        f"images for every variant (about {steps * o.batch_size / _train_images(config):.1f} "
-        "epochs), seeds "
-        f"{', '.join(str(r['seed']) for r in next(iter(results.values())))}. "
-        f"Machine: {platform.machine()} CPU, {_cpu_count()} cores, no GPU; other jobs (C++ "
-        "builds) ran on the same cores at times, so step times are contended and only "
-        "roughly comparable.",
+        "Written by `make study` (`python -m train.study`) from the runs under "
+        "`runs/scale_study/`. Data: `digits_scaled` (48x48; each digit's 8x8 scan rendered "
+        "into a box of 16*s px with mild affine and elastic deformation; train s log-uniform in "
+        f"[0.55, 1.75] with centre jitter; val: every held-out source digit at s in "
+        f"{{{', '.join(f'{s:g}' for s in levels)}}}, centred). Model: the small ResNet (width "
+        f"{config.model.width}, stages {tuple(config.model.stage_sizes)}, stem stride "
+        f"{config.model.stem_stride}), its stages {tuple(config.model.adaptive_stages)} built "
+        f"with each arm's conv; {steps} SGD steps of {o.batch_size} images per run (about "
+        f"{steps * o.batch_size / _train_images(config):.1f} epochs), seeds "
+        f"{', '.join(map(str, seeds))}; the arms of one seed see the same images in the same "
+        f"order. Machine: {platform.machine()} CPU, {_cpu_count()} cores, no GPU.",
         "",
     ]
     if study_wall is not None:
         lines += [
-            "Wall time of the `make study` invocation that trained the runs, up to the end of "
-            f"training: {study_wall / 60:.1f} min (the scale test and figures add about 3 min).",
+            "Wall time of the `make study` invocation that trained the runs (training, analysis "
+            f"and figures): {study_wall / 60:.1f} min.",
             "",
         ]
     lines += [
-        f"## Accuracy, size and speed (mean ± std over {n_seeds} seeds)",
+        "## Decision rule",
         "",
-        "| conv | val top-1 | parameters | step time (ms) | train time per run (s) |",
-        "|---|---|---|---|---|",
+        DECISION_RULE,
+        "",
+        "## Verdicts",
+        "",
+        "| arm | valid pairs | Delta = e(arm) - e(frozen), mean [95% CI] | e_max(arm) | "
+        "0.5 e_max | 0.25 e_max | controls | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for conv, rows in results.items():
+    for arm, d in decided.items():
         lines.append(
-            f"| `{conv}` | {_ms([r['val_top1'] for r in rows])} | {rows[0]['params']:,} | "
-            f"{_ms([r['step_s'] * 1000 for r in rows], '{:.0f}')} | "
-            f"{_ms([r['train_s'] for r in rows], '{:.0f}')} |"
+            f"| `{arm}` | {len(d['pairs'])} | {d['mean']:+.3f} [{d['low']:+.3f}, "
+            f"{d['high']:+.3f}] | {d['e_max']:.3f} | {0.5 * d['e_max']:.3f} | "
+            f"{0.25 * d['e_max']:.3f} | {'pass' if d['controls_ok'] else 'FAIL'} | "
+            f"**{d['verdict']}** |"
         )
     lines += [
         "",
-        "Step time: the median over logging windows of one training step (batch "
-        f"{o.batch_size}, forward + backward + update, data loading overlapped), first window "
-        "(compilation) left out, then mean ± std over the seeds.",
+        "## Controls and exponents, every run",
         "",
-        f"![accuracy against step time]({rel}/accuracy_vs_step_time.png)",
+        "e of r50 at the last stage's unit; `zoom back` is the positive control (>= "
+        f"{erf_scale.POSITIVE_MIN} or the run is void), `hand set a=+1/-1` the ceiling "
+        "candidates (e_max is the larger).",
         "",
-        "Against the rigid baseline (`depthwise`); 'beyond the spread' means the mean ± std "
-        "intervals do not overlap (with 3 seeds this is a rough screen, not a significance "
-        "test):",
-        "",
-        *verdict(results, "val_top1", "val top-1"),
-        "",
-        "## Scale test",
-        "",
-        "The val digits (all of them for top-1; a fixed subset for the ERFs) are zoomed about "
-        f"the image centre by {', '.join(f'{s:g}' for s in scales)} (bilinear, zero fill, "
-        "cut at the border) and fed to the trained models. The ERF is the gradient magnitude of "
-        "the last stage's centre unit (all channels) with respect to the input pixels "
-        "(`dk_jax.analysis.effective_receptive_field`); r50 / r90 are the radii about the "
-        "unit's theoretical centre holding 50% / 90% of the gradient mass "
-        "(`erf_radius`). The theoretical receptive field of that unit is 43x43 pixels, larger "
-        "than the image, so the architecture alone does not bound the ERF here.",
-        "",
-        "The exponent e is the slope of log(mean radius) against log(scale), fitted per run "
-        "(1: the ERF grows in proportion to the object, 0: it does not move); corr is the "
-        "Pearson correlation between scale and per-image r50, pooled over images and scales.",
-        "",
-        "| conv | " + " | ".join(f"top-1 x{s:g}" for s in scales) + " | r50 x"
-        f"{scales[0]:g} -> x{scales[-1]:g} (px) | e (r50) | e (r90) | corr (r50) |",
-        "|---|" + "---|" * (len(scales) + 4),
+        "| run | e (learned) | e zoom back | e hand set a=+1 | e hand set a=-1 | e_max | valid |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for conv, rows in results.items():
-        acc = np.asarray([r["scale_top1"] for r in rows])
-        r50 = np.asarray([r["r50"] for r in rows])
+    for arm, runs in results.items():
+        for seed, r in sorted(runs.items()):
+            hand = [
+                f"{exponent_of(r, f'hand_set_{a:+g}'):.3f}"
+                if f"hand_set_{a:+g}" in r["stages"]["last"]
+                else "-"
+                for a in erf_scale.HAND_SET_POWERS
+            ]
+            has_hand = hand[0] != "-"
+            lines.append(
+                f"| `{run_name(arm, seed)}` | {exponent_of(r, 'learned'):.3f} | "
+                f"{exponent_of(r, 'zoom_back'):.3f} | {hand[0]} | {hand[1]} | "
+                f"{f'{e_max_of(r):.3f}' if has_hand else '-'} | "
+                f"{'yes' if positive_ok(r) else '**void**'} |"
+            )
+    lines += [
+        "",
+        "Every statistic's exponent (mean [95% CI] over the seeds; learned offsets):",
+        "",
+        "| arm | "
+        + " | ".join(f"e {stat} {stage}" for stage in ("last", "mid") for stat in erf_scale.STATS)
+        + " | r50 last, px at s = "
+        + " / ".join(f"{s:g}" for s in levels)
+        + " |",
+        "|---|" + "---|" * 7,
+    ]
+    for arm, runs in results.items():
+        cells = [
+            _ci([exponent_of(r, "learned", stage, stat) for r in runs.values()], "{:.2f}")
+            for stage in ("last", "mid")
+            for stat in erf_scale.STATS
+        ]
+        r50 = np.mean([r["stages"]["last"]["learned"]["r50"]["mean"] for r in runs.values()], 0)
         lines.append(
-            f"| `{conv}` | "
-            + " | ".join(_ms(acc[:, k]) for k in range(len(scales)))
-            + f" | {r50[:, 0].mean():.2f} -> {r50[:, -1].mean():.2f} | "
-            f"{_ms([r['e50'] for r in rows], '{:.2f}')} | "
-            f"{_ms([r['e90'] for r in rows], '{:.2f}')} | "
-            f"{_ms([r['corr50'] for r in rows], '{:.2f}')} |"
+            f"| `{arm}` | " + " | ".join(cells) + " | " + " / ".join(f"{v:.1f}" for v in r50) + " |"
         )
     lines += [
         "",
-        "Does the ERF follow the object's scale more closely than the baseline's (exponent e of "
-        "r50, same screen as above)?",
+        f"![ERF radius against scale]({rel}/erf_vs_scale.png)",
         "",
-        *verdict(results, "e50", "e(r50)"),
+        f"![mean ERF per arm and scale]({rel}/mean_erf.png)",
         "",
-        "And of r90:",
+        "## Accuracy",
         "",
-        *verdict(results, "e90", "e(r90)"),
+        "Val top-1, mean [95% CI] over the seeds; the last column pair is the paired "
+        "difference against `frozen` (same seed).",
         "",
-        f"![scale test]({rel}/scale_test.png)",
-        "",
-        f"![mean ERF per conv and scale]({rel}/mean_erf.png)",
-        "",
+        "| arm | parameters | "
+        + " | ".join(f"s={s:g}" for s in levels)
+        + " | overall | overall - frozen |",
+        "|---|---|" + "---|" * (len(levels) + 2),
     ]
-    erf_pngs = sorted(figures.glob("erf_*.png"))
-    kp_pngs = sorted(figures.glob("kernel_positions_*.png"))
-    if erf_pngs:
-        lines += [
-            "## ERFs on single images",
-            "",
-            "Square-root shaded ERF of the centre unit over three val digits at scales 0.6, 1 "
-            "and 1.4 (`python -m train.visualize`), the deformable model beside the rigid "
-            "baseline; cyan: the r50 circle.",
-            "",
-            *[f"![{p.stem}]({rel}/{p.name})" for p in erf_pngs],
-            "",
-        ]
-    if kp_pngs:
-        lines += [
-            "Where the first adaptive layer's 3x3 taps read its 4x4 scope kernel (group 0) at "
-            "three output locations (crosses: the rigid positions; one colour per image):",
-            "",
-            *[f"![{p.stem}]({rel}/{p.name})" for p in kp_pngs],
-            "",
-        ]
+    base = results.get(study_config.BASELINE, {})
+    for arm, runs in results.items():
+        acc = np.asarray([r["top1"] for r in runs.values()])
+        overall = [r["val_top1"] for r in runs.values()]
+        diff = [runs[s]["val_top1"] - base[s]["val_top1"] for s in runs if s in base]
+        params = sorted({r["params"] for r in runs.values()})
+        lines.append(
+            f"| `{arm}` | {', '.join(f'{p:,}' for p in params)} | "
+            + " | ".join(_ci(acc[:, k]) for k in range(len(levels)))
+            + f" | {_ci(overall)} | "
+            + ("-" if arm == study_config.BASELINE else _ci(diff, "{:+.3f}"))
+            + " |"
+        )
     lines += [
+        "",
+        "Paired differences against `frozen` per scale (mean [95% CI]):",
+        "",
+        "| arm | " + " | ".join(f"s={s:g}" for s in levels) + " |",
+        "|---|" + "---|" * len(levels),
+    ]
+    for arm, runs in results.items():
+        if arm == study_config.BASELINE:
+            continue
+        common = [s for s in runs if s in base]
+        cells = [
+            _ci([runs[s]["top1"][k] - base[s]["top1"][k] for s in common], "{:+.3f}")
+            for k in range(len(levels))
+        ]
+        lines.append(f"| `{arm}` | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Offset saturation",
+        "",
+        'Share of kernel taps held on the scope border by `rotation_clip="scope"`, over every '
+        "adaptive layer and output location of the ERF images (mean over seeds):",
+        "",
+        "| arm | " + " | ".join(f"s={s:g}" for s in levels) + " |",
+        "|---|" + "---|" * len(levels),
+    ]
+    for arm, runs in results.items():
+        shares = [r["border_share"] for r in runs.values()]
+        if shares[0][0] is None:
+            continue
+        lines.append(f"| `{arm}` | " + " | ".join(f"{v:.2f}" for v in np.mean(shares, 0)) + " |")
+    lines += [
+        "",
+        f"![ERFs of single digits]({rel}/erf_digits.png)",
+        "",
+        "Step time (median ms per step after compilation, mean over seeds): "
+        + ", ".join(
+            f"`{arm}` {np.mean([r['step_s'] for r in runs.values()]) * 1000:.0f}"
+            for arm, runs in results.items()
+        )
+        + ".",
+        "",
         "## Notes",
         "",
         NOTES[0],
         notes.strip() or "(none yet)",
         NOTES[1],
         "",
-        "Reproduce: `make study` (or `python -m train.study`); finished runs are skipped, so a "
-        "second invocation only redoes the analysis. Per-run wall times: "
+        "Reproduce: `make study` (or `python -m train.study`); finished runs and analyses are "
+        "skipped, so a second invocation only rewrites the report. Per-run wall times: "
         + (", ".join(f"{k} {v:.0f} s" for k, v in walls.items()) or "(all runs were cached)")
         + ".",
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
+
+
+def plot_all(results: dict, workdir: Path, figures: Path, erf_sources: int) -> list[Path]:
+    from train import erf_scale, visualize
+
+    plt = visualize._pyplot()
+    figures.mkdir(parents=True, exist_ok=True)
+    paths = []
+    arms = list(results)
+    levels = next(iter(next(iter(results.values())).values()))["scales"]
+
+    fig, axes = plt.subplots(1, len(arms), figsize=(3.0 * len(arms), 3.0), sharey=True)
+    axes = np.atleast_1d(axes)
+    for ax, arm in zip(axes, arms, strict=True):
+        runs = list(results[arm].values())
+        for condition, style in (
+            ("learned", "o-"),
+            ("zoom_back", "s--"),
+            ("hand_set_+1", "^:"),
+            ("hand_set_-1", "v:"),
+        ):
+            if condition not in runs[0]["stages"]["last"]:
+                continue
+            r50 = np.asarray([r["stages"]["last"][condition]["r50"]["mean"] for r in runs])
+            ax.errorbar(
+                levels, r50.mean(0), yerr=r50.std(0), fmt=style, capsize=2, ms=3, label=condition
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(levels, [f"{s:g}" for s in levels])
+        ax.set_title(arm, fontsize=9)
+        ax.set_xlabel("object scale s")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("r50 of the last stage's unit (px)")
+    axes[0].legend(fontsize=6)
+    fig.suptitle("ERF radius against scale (mean ± std over seeds, log-log)", fontsize=9)
+    paths.append(visualize._save(plt, fig, figures / "erf_vs_scale.png"))
+
+    fig, axes = plt.subplots(
+        len(arms), len(levels), figsize=(1.25 * len(levels), 1.3 * len(arms)), squeeze=False
+    )
+    for a, arm in enumerate(arms):
+        seed = min(results[arm])
+        maps = np.load(workdir / run_name(arm, seed) / "scale_erf.npz")["maps"]
+        for b, s in enumerate(levels):
+            ax = axes[a, b]
+            ax.imshow(np.sqrt(maps[b] / maps[b].max()), cmap="magma", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if a == 0:
+                ax.set_title(f"s={s:g}", fontsize=7)
+            if b == 0:
+                ax.set_ylabel(arm, fontsize=7)
+    fig.suptitle(
+        "mean ERF of the last stage's unit at the object centre (sqrt), first seed", fontsize=8
+    )
+    paths.append(visualize._save(plt, fig, figures / "mean_erf.png"))
+
+    # Single digits: three val sources at the smallest, middle and largest scale.
+    shown = [a for a in (study_config.BASELINE, "local_dk") if a in results]
+    picks = (levels[0], levels[len(levels) // 2], levels[-1])
+    fig, axes = plt.subplots(
+        3, len(picks) * len(shown), figsize=(1.4 * len(picks) * len(shown), 4.4), squeeze=False
+    )
+    for r_i, arm in enumerate(shown):
+        run = visualize.load_run(workdir / run_name(arm, min(results[arm])))
+        images, _, scales, centres, sources = erf_scale.load_val(run)
+        first = sorted(set(sources.tolist()))[:3]
+        block = erf_scale.stage_blocks(run)["last"]
+        for p_i, s in enumerate(picks):
+            at = np.isin(sources, first) & (scales == s)
+            erf, r = erf_scale.measure(
+                run, run.variables, images[at].astype(np.float32), scales[at], centres[at], block
+            )
+            for k in range(3):
+                ax = axes[k, p_i * len(shown) + r_i]
+                ax.imshow(images[at][k], cmap="gray", vmin=0, vmax=255)
+                ax.imshow(np.sqrt(erf[k] / erf[k].max()), cmap="magma", alpha=0.6, vmin=0, vmax=1)
+                c = centres[at][k]
+                ax.add_patch(
+                    plt.Circle((c[1], c[0]), r[k, 0], fill=False, color="cyan", linewidth=0.8)
+                )
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if k == 0:
+                    ax.set_title(f"{arm}\ns={s:g}", fontsize=7)
+                ax.set_xlabel(f"r50={r[k, 0]:.1f}", fontsize=6, labelpad=1)
+    fig.suptitle("sqrt ERF of the last stage's unit at the centre; cyan: r50", fontsize=8)
+    paths.append(visualize._save(plt, fig, figures / "erf_digits.png"))
+    return paths
 
 
 def _train_images(config: Config) -> int:
@@ -478,12 +584,11 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", default="deformed_digits_study")
+    p.add_argument("--config", default="digits_scaled_study")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--convs", nargs="+", default=list(study_config.CONVS))
+    p.add_argument("--arms", nargs="+", default=list(study_config.ARMS))
     p.add_argument("--seeds", nargs="+", type=int, default=list(study_config.SEEDS))
-    p.add_argument("--scales", nargs="+", type=float, default=list(study_config.SCALES))
-    p.add_argument("--erf-images", type=int, default=64, help="val images per scale for ERFs")
+    p.add_argument("--erf-sources", type=int, default=48, help="val source digits for the ERFs")
     p.add_argument("--workdir", default=None, help="default: the config's workdir")
     p.add_argument("--docs", default="docs", help="RESULTS.md and study/*.png go here")
     args = p.parse_args(argv)
@@ -496,38 +601,52 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         total_steps(config)
-        from train.models import CONVS
-
-        unknown = [c for c in args.convs if c not in CONVS]
+        unknown = [a for a in args.arms if a not in study_config.ARMS]
         if unknown:
-            raise ConfigError(f"--convs: unknown {unknown}; choose from {', '.join(CONVS)}")
+            raise ConfigError(
+                f"--arms: unknown {unknown}; choose from {', '.join(study_config.ARMS)}"
+            )
         workdir = Path(args.workdir or config.workdir)
-        walls = train_all(config, args.convs, args.seeds, workdir)
-        timing = workdir / "study_timing.json"
-        if walls:
-            trained_wall = time.time() - t0
-            timing.write_text(json.dumps({"wall_s": trained_wall, "runs": walls}, indent=1))
-        elif timing.is_file():  # a re-run: report the invocation that trained the runs
-            saved = json.loads(timing.read_text())
-            walls, trained_wall = saved["runs"], saved["wall_s"]
-        else:
-            trained_wall = None
-        log.info("scale test and ERFs")
-        results = collect(config, args.convs, args.seeds, workdir, args.scales, args.erf_images)
+        # The runs of an arm differ only in their values: later seeds reuse the compilations.
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        walls = train_all(config, args.arms, args.seeds, workdir)
+        log.info("analysis")
+        results = {
+            arm: {
+                seed: analyse(workdir / run_name(arm, seed), args.erf_sources)
+                for seed in args.seeds
+            }
+            for arm in args.arms
+        }
+        decided = verdicts(results)
         docs = Path(args.docs)
         figures = docs / "study"
-        plot_all(results, args.scales, workdir, figures, args.seeds, config.optim.batch_size)
+        plot_all(results, workdir, figures, args.erf_sources)
+        timing = workdir / "study_timing.json"
+        if walls:
+            study_wall = time.time() - t0
+            timing.write_text(json.dumps({"wall_s": study_wall, "runs": walls}, indent=1))
+        elif timing.is_file():  # a re-run: report the invocation that trained the runs
+            saved = json.loads(timing.read_text())
+            walls, study_wall = saved["runs"], saved["wall_s"]
+        else:
+            study_wall = None
         results_md = docs / "RESULTS.md"
-        (workdir / "study.json").write_text(json.dumps(results, indent=1) + "\n")
+        (workdir / "study.json").write_text(
+            json.dumps({"runs": results, "verdicts": decided}, indent=1) + "\n"
+        )
         write_results(
             results_md,
             results,
-            args.scales,
             config,
             walls,
             figures,
             read_notes(results_md),
-            trained_wall,
+            study_wall,
+            decided,
         )
     except (ConfigError, DatasetError) as e:
         print(f"train.study: error: {e}", file=sys.stderr)

@@ -83,16 +83,29 @@ def create_learning_rate_fn(optim: Config, steps_per_epoch: int, total_steps: in
     )
 
 
+def frozen_mask(params, names) -> Any:
+    """True for every parameter whose path (module names, parameter name) contains one of
+    `names` (`optim.freeze`)."""
+    names = set(names)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: any(getattr(k, "key", None) in names for k in path), params
+    )
+
+
 def create_optimizer(optim: Config, learning_rate_fn) -> optax.GradientTransformation:
-    """SGD with (Nesterov) momentum; decoupled-from-loss L2 decay on kernels (ndim > 1) only."""
+    """SGD with (Nesterov) momentum; decoupled-from-loss L2 decay on kernels (ndim > 1) only;
+    no update at all for the parameters `optim.freeze` names."""
 
     def decay_mask(params):
         return jax.tree.map(lambda p: p.ndim > 1, params)
 
-    return optax.chain(
+    parts = [
         optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
         optax.sgd(learning_rate_fn, momentum=optim.momentum, nesterov=optim.nesterov),
-    )
+    ]
+    if optim.freeze:
+        parts.append(optax.masked(optax.set_to_zero(), lambda p: frozen_mask(p, optim.freeze)))
+    return optax.chain(*parts)
 
 
 def create_train_state(
@@ -268,8 +281,12 @@ def check_config(config: Config) -> None:
         raise ConfigError(f"data.on_corrupt must be 'fatal' or 'skip', got {data.on_corrupt!r}")
     if data.channels not in (1, 3):
         raise ConfigError(f"data.channels must be 1 or 3, got {data.channels!r}")
-    if data.generate not in ("", "digits_deformed"):
-        raise ConfigError(f"data.generate must be '' or 'digits_deformed', got {data.generate!r}")
+    if data.generate not in ("", "digits_deformed", "digits_scaled"):
+        raise ConfigError(
+            f"data.generate must be '', 'digits_deformed' or 'digits_scaled', got {data.generate!r}"
+        )
+    if isinstance(optim.freeze, str) or not all(isinstance(n, str) for n in optim.freeze):
+        raise ConfigError(f"optim.freeze must be a tuple of parameter names, got {optim.freeze!r}")
     if len(data.mean) < data.channels or len(data.std) < data.channels:
         raise ConfigError("data.mean and data.std need one value per channel")
     if optim.batch_size < 1:
@@ -301,6 +318,17 @@ def prepare_data(config: Config):
             seed=config.data.digits_seed,
             train_copies=config.data.digits_train_copies,
             val_copies=config.data.digits_val_copies,
+            size=config.data.digits_size,
+        )
+    elif config.data.generate == "digits_scaled":
+        from train import digits
+
+        if not root.exists():
+            log.info("generating digits_scaled in %s (once)", root)
+        digits.generate_scaled(
+            root,
+            seed=config.data.digits_seed,
+            train_copies=config.data.digits_train_copies,
             size=config.data.digits_size,
         )
     train_split = input_pipeline.read_split(root, "train")
@@ -425,6 +453,8 @@ def train_and_evaluate(config: Config, workdir: str | Path | None = None) -> dic
         state = create_train_state(rng, model, image_shape, tx, mesh)
     start_step = int(jax.device_get(state.step))
     n_params = count_params(state.params)
+    if optim.freeze and not any(jax.tree.leaves(frozen_mask(state.params, optim.freeze))):
+        raise ConfigError(f"optim.freeze={optim.freeze!r} names no parameter of this model")
     if is_main:
         report.write_json_atomic(workdir / "config.json", config.to_dict())
     metrics_log = report.MetricsLog(

@@ -39,7 +39,7 @@ def get_config() -> Config:
             reduced_decode=True,
             # A corrupt or unreadable image: "fatal" stops the run, "skip" drops it with a warning.
             on_corrupt="fatal",
-            # Only used by `generate="digits_deformed"`.
+            # Only used by `generate="digits_deformed"` (digits_scaled: seed and train copies).
             digits_seed=0,
             digits_train_copies=4,
             digits_val_copies=2,
@@ -77,6 +77,10 @@ def get_config() -> Config:
             nesterov=True,
             weight_decay=5e-5,  # on kernels only, not on biases or norm scales
             label_smoothing=0.1,
+            # Parameters kept at their initial values: a parameter whose path (module names and
+            # the parameter's name) contains one of these names gets no update. The study's rigid
+            # baseline uses ("rotation_conv",): a local DK layer with its rotation fixed at zero.
+            freeze=(),
         ),
         run=Config(
             log_every_steps=50,
