@@ -8,10 +8,12 @@ sizes and decode times are those of photographs (ImageNet's average file is ~110
 measures, on the train augmentation of the ImageNet configs (random-resized-crop to 224, flip):
 
 1. decode + augment per core, in this process, in interleaved rounds: the previous code
-   (`previous_load_example`: full decode, numpy flip), `images.load_example` with
-   `reduced_decode=False` and with the reduced decode (the default); images per CPU second of
-   this process (wall-clock rate alongside). Also on `--large` 1024x768 JPEGs, where the crop
-   is often twice the output side and the reduced decode applies.
+   (`previous_load_example`: PIL's full decode and antialiased resize, numpy flip),
+   `images.load_example` (simplejpeg's fast decode, OpenCV's resize and flip) with
+   `reduced_decode=False` and with the DCT-scaled decode (the default); images per CPU second
+   of this process (wall-clock rate alongside). Every call reads and decodes its JPEG from the
+   file. Also on `--large` 1024x768 JPEGs, where the crop is often twice the output side and
+   the reduced decode applies.
 2. the pipeline: `input_pipeline.host_batches` (grain, one image per worker task, batches of
    `--batch` stacked in this process) with 1 and 2 worker processes, for both decodes; images
    per wall-clock second from the first batch on (worker start-up excluded), and per CPU
@@ -86,8 +88,8 @@ def augment(reduced: bool) -> images.Augment:
 
 
 def previous_load_example(path: str, aug: images.Augment, seed) -> np.ndarray:
-    """The decode + augment that train/images.py had before grain: full-size decode, convert,
-    resize the box, flip in numpy."""
+    """The decode + augment that train/images.py had before grain: PIL's full-size decode,
+    convert, PIL's (antialiased bilinear) resize of the box, flip in numpy."""
     with Image.open(path) as img:
         img.load()
         img = img.convert("RGB")
@@ -179,8 +181,10 @@ def pipeline(
 
 
 def environment() -> dict:
+    import cv2
     import grain
     import PIL
+    import simplejpeg
 
     try:
         cpu = next(
@@ -195,6 +199,8 @@ def environment() -> dict:
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
         "pillow": PIL.__version__,
+        "simplejpeg": simplejpeg.__version__,
+        "opencv": cv2.__version__,
         "grain": grain.__version__,
         "numpy": np.__version__,
     }

@@ -69,6 +69,90 @@ def test_reduced_decode_takes_the_same_crop_from_a_smaller_decode(tmp_path):
     )
 
 
+def ramp(x, y, width: int, height: int) -> np.ndarray:
+    """Colour (..., 3) of a picture that is linear in x and y: bilinear sampling, area averaging
+    and libjpeg's DCT scaling all give back exactly its value at the sample centre."""
+    u, v = np.broadcast_arrays(x / (width - 1), y / (height - 1))
+    return np.stack([16 + 220 * u, 16 + 220 * v, 16 + 110 * (u + v)], axis=-1)
+
+
+def expected_example(width, height, aug, seed, jpeg: bool) -> tuple[np.ndarray, int, bool]:
+    """(output, decode scale a, flip) of `load_example` on the ramp, computed here: the box and
+    coin drawn from default_rng(seed) in the order of the code before (box, then coin); a JPEG
+    decoded at 1/a (a in 1, 2, 4, 8 the largest leaving the crop >= S across); the box rounded
+    to whole decoded pixels; output pixel centres mapped linearly onto the crop, clamped to its
+    edge pixels; decoded pixel x covering full-size pixels x*a .. x*a + a - 1."""
+    s = aug.image_size
+    if aug.train:
+        rng = np.random.default_rng(seed)
+        box = images.random_resized_crop_box(width, height, rng, aug.crop_area, aug.crop_ratio)
+        flip = bool(aug.flip and rng.random() < 0.5)
+    else:
+        side = s * min(width, height) / aug.eval_resize
+        box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+        flip = False
+    a = 1
+    while jpeg and a < 8 and min(box[2] - box[0], box[3] - box[1]) >= 2 * a * s:
+        a *= 2
+    left, top, right, bottom = (round(v / a) for v in box)
+    centres = np.arange(s) + 0.5
+    x = np.clip(left + centres * (right - left) / s - 0.5, left, right - 1)
+    y = np.clip(top + centres * (bottom - top) / s - 0.5, top, bottom - 1)
+    out = ramp((x[None, :] + 0.5) * a - 0.5, (y[:, None] + 0.5) * a - 0.5, width, height)
+    if flip:
+        out = out[:, ::-1]
+    if aug.channels == 1:  # JPEG's luma, and PIL's "L"
+        out = (out @ np.array([0.299, 0.587, 0.114]))[..., None]
+    return out, a, flip
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_decode_crop_resize_flip_match_an_independent_computation(tmp_path, suffix, monkeypatch):
+    decoded = []  # the shape of each JPEG decode: its DCT scale
+
+    def decode_jpeg(*args, _decode=images.simplejpeg.decode_jpeg, **kwargs):
+        decoded.append(_decode(*args, **kwargs).shape[:2])
+        return _decode(*args, **kwargs)
+
+    monkeypatch.setattr(images.simplejpeg, "decode_jpeg", decode_jpeg)
+    scales, flips = set(), set()
+    for width, height, size in ((640, 480, 48), (333, 500, 96), (120, 90, 64)):
+        yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+        path = tmp_path / f"ramp{width}{suffix}"
+        pixels = np.round(ramp(xx, yy, width, height)).astype(np.uint8)
+        Image.fromarray(pixels).save(path, **({"quality": 95} if suffix == ".jpg" else {}))
+        for train in (True, False):
+            for channels in (3, 1):
+                aug = images.Augment(
+                    train=train, image_size=size, eval_resize=size + size // 7, channels=channels
+                )
+                for i in range(6 if train else 1):
+                    want, a, flip = expected_example(
+                        width, height, aug, (0, 1, i), suffix == ".jpg"
+                    )
+                    scales.add(a)
+                    flips.add(flip)
+                    decoded.clear()
+                    got = images.load_example(str(path), aug, (0, 1, i))
+                    if suffix == ".jpg":
+                        assert decoded == [(-(-height // a), -(-width // a))], (decoded, a)
+                    else:
+                        assert decoded == []
+                    assert got.shape == (size, size, channels) and got.dtype == np.uint8
+                    err = np.abs(got - want)
+                    # PNG: the stored ramp's rounding (0.5) and OpenCV's fixed-point weights.
+                    # JPEG at quality 95: plus the fast IDCT and the unsmoothed 4:2:0 chroma.
+                    mean_tol, max_tol = (1.5, 6.0) if suffix == ".jpg" else (0.5, 2.0)
+                    assert err.mean() < mean_tol and err.max() < max_tol, (
+                        (width, train, channels, i),
+                        err.mean(),
+                        err.max(),
+                    )
+    # Both coins came up, and the JPEGs were decoded at several DCT scales (PNGs at full size).
+    assert flips == {False, True}
+    assert scales == ({1, 2, 4, 8} if suffix == ".jpg" else {1})
+
+
 def test_greyscale_output_from_a_colour_jpeg_with_reduced_decode(tmp_path):
     path = str(smooth_jpeg(tmp_path / "c.jpg", 640, 480))
     full = images.Augment(train=False, image_size=32, eval_resize=36, channels=1)
