@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(PY) -m train --config digits_deformed
 	$(PY) -m train.evaluate --checkpoint runs/digits_deformed
 
-# The scale study (under an hour on a 2-core CPU): does a deformable layer's effective receptive
+# The scale study (39 min on a 2-core CPU): does a deformable layer's effective receptive
 # field follow the object's scale? Trains the small ResNet on digits_scaled (generated on first
 # use) for 4 arms x 5 seeds, measures the ERFs with their controls, applies the pre-registered
 # decision rule and writes docs/RESULTS.md and docs/study/*.png. Runs go to runs/scale_study/;

@@ -328,9 +328,14 @@ def write_results(
         "|---|---|---|---|---|---|---|---|",
     ]
     for arm, d in decided.items():
+        interval = (
+            f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+            if np.isfinite(d["mean"])
+            else "not computed (fewer than 3 valid pairs)"
+        )
         lines.append(
-            f"| `{arm}` | {len(d['pairs'])} | {d['mean']:+.3f} [{d['low']:+.3f}, "
-            f"{d['high']:+.3f}] | {d['e_max']:.3f} | {0.5 * d['e_max']:.3f} | "
+            f"| `{arm}` | {len(d['pairs'])} | {interval} | {d['e_max']:.3f} | "
+            f"{0.5 * d['e_max']:.3f} | "
             f"{0.25 * d['e_max']:.3f} | {'pass' if d['controls_ok'] else 'FAIL'} | "
             f"**{d['verdict']}** |"
         )
@@ -389,8 +394,8 @@ def write_results(
         "",
         "## Accuracy",
         "",
-        "Val top-1, mean [95% CI] over the seeds; the last column pair is the paired "
-        "difference against `frozen` (same seed).",
+        "Val top-1, mean [95% CI] over the seeds; the last column is the paired difference "
+        "against `frozen` (same seed).",
         "",
         "| arm | parameters | "
         + " | ".join(f"s={s:g}" for s in levels)
@@ -500,7 +505,7 @@ def plot_all(results: dict, workdir: Path, figures: Path, erf_sources: int) -> l
         ax.set_xlabel("object scale s")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("r50 of the last stage's unit (px)")
-    axes[0].legend(fontsize=6)
+    axes[-1].legend(fontsize=6)
     fig.suptitle("ERF radius against scale (mean ± std over seeds, log-log)", fontsize=9)
     paths.append(visualize._save(plt, fig, figures / "erf_vs_scale.png"))
 
