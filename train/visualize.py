@@ -1,7 +1,7 @@
 """Effective receptive fields of a trained run, drawn over its validation images.
 
-    python -m train.visualize --checkpoint runs/study/local_dk_s0 \
-        [--baseline runs/study/depthwise_s0] [--images 4] [--scales 0.6 1.0 1.4] [--out DIR]
+    python -m train.visualize --checkpoint runs/digits_deformed \
+        [--baseline RUN_DIR] [--images 4] [--scales 0.6 1.0 1.4] [--out DIR]
 
 Writes to --out (default: <checkpoint>/figures):
 
