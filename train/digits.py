@@ -71,6 +71,68 @@ def _deform(img: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(np.rint(warped), 0, 255).astype(np.uint8)
 
 
+def _existing(root: Path, name: str, params: dict) -> bool:
+    """True if `root` holds a complete dataset made with `params`; an error if it holds
+    anything else."""
+    manifest = root / "dataset.json"
+    if not root.exists():
+        return False
+    if manifest.is_file() and json.loads(manifest.read_text()).get("params") == params:
+        return True
+    raise DatasetError(
+        f"{str(root)!r} exists but is not a {name} dataset made with {params}; "
+        "remove it or choose another data.root"
+    )
+
+
+def _sources(
+    seed: int, val_fraction: float, limit: int | None, source=None
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """(scans, labels, {"train": indices, "val": indices}): scikit-learn's digits (or
+    `source`), the first `limit` of them, split at random by source digit."""
+    if source is None:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x, y = digits.images, digits.target
+    else:
+        x, y = np.asarray(source[0], np.float64), np.asarray(source[1])
+        if x.ndim != 3 or x.shape[1:] != (8, 8) or len(y) != len(x):
+            raise ValueError(
+                f"source: expected (n, 8, 8) scans and n labels, got {x.shape}, {y.shape}"
+            )
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    order = np.random.default_rng([seed, 0]).permutation(len(x))
+    n_val = int(round(len(x) * val_fraction))
+    return x, y, {"val": np.sort(order[:n_val]), "train": np.sort(order[n_val:])}
+
+
+def _scratch(root: Path) -> Path:
+    """An empty temporary sibling of `root` with one folder per split and class."""
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for split in ("train", "val"):
+        for digit in range(10):
+            (tmp / split / str(digit)).mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def _publish(tmp: Path, root: Path, description: dict, indent: int) -> Path:
+    """Writes dataset.json into `tmp` and renames it into place, so that an interrupted run
+    never leaves a half-written dataset behind."""
+    (tmp / "dataset.json").write_text(json.dumps(description, indent=indent))
+    root.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(root)
+    except OSError:
+        # Another process finished first; keep its copy if it matches.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _existing(root, description["name"], description["params"]):
+            raise
+    return root
+
+
 def generate(
     root: str | os.PathLike,
     *,
@@ -97,30 +159,12 @@ def generate(
         val_fraction=val_fraction,
         limit=limit,
     )
-    manifest = root / "dataset.json"
-    if root.exists():
-        if manifest.is_file() and json.loads(manifest.read_text()).get("params") == params:
-            return root
-        raise DatasetError(
-            f"{str(root)!r} exists but is not a digits_deformed dataset made with {params}; "
-            "remove it or choose another data.root"
-        )
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x, y = digits.images, digits.target
-    if limit is not None:
-        x, y = x[:limit], y[:limit]
-    rng = np.random.default_rng([seed, 0])
-    order = rng.permutation(len(x))
-    n_val = int(round(len(x) * val_fraction))
-    splits = {"val": np.sort(order[:n_val]), "train": np.sort(order[n_val:])}
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if _existing(root, "digits_deformed", params):
+        return root
+    x, y, splits = _sources(seed, val_fraction, limit)
+    tmp = _scratch(root)
     counts = {}
     for split, copies in (("train", train_copies), ("val", val_copies)):
-        for digit in range(10):
-            (tmp / split / str(digit)).mkdir(parents=True, exist_ok=True)
         for i in splits[split]:
             for c in range(copies):
                 # One generator per image: the bytes do not depend on the loop order.
@@ -128,27 +172,14 @@ def generate(
                 out = _deform(x[i], img_rng, size)
                 Image.fromarray(out, mode="L").save(tmp / split / str(y[i]) / f"{i:04d}_{c}.png")
         counts[split] = int(len(splits[split]) * copies)
-    (tmp / "dataset.json").write_text(
-        json.dumps(
-            {
-                "name": "digits_deformed",
-                "source": "sklearn.datasets.load_digits",
-                "params": params,
-                "images": counts,
-                "classes": [str(d) for d in range(10)],
-            },
-            indent=2,
-        )
-    )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.rename(root)
-    except OSError:
-        # Another process finished first; keep its copy if it matches.
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (manifest.is_file() and json.loads(manifest.read_text()).get("params") == params):
-            raise
-    return root
+    description = {
+        "name": "digits_deformed",
+        "source": "sklearn.datasets.load_digits",
+        "params": params,
+        "images": counts,
+        "classes": [str(d) for d in range(10)],
+    }
+    return _publish(tmp, root, description, indent=2)
 
 
 # --- digits_scaled ------------------------------------------------------------------------------
@@ -241,36 +272,10 @@ def generate_scaled(
         limit=limit,
         source="custom" if source is not None else "sklearn",
     )
-    manifest = root / "dataset.json"
-    if root.exists():
-        if manifest.is_file() and json.loads(manifest.read_text()).get("params") == params:
-            return root
-        raise DatasetError(
-            f"{str(root)!r} exists but is not a digits_scaled dataset made with {params}; "
-            "remove it or choose another data.root"
-        )
-    if source is None:
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        x, y = digits.images, digits.target
-    else:
-        x, y = np.asarray(source[0], np.float64), np.asarray(source[1])
-        if x.ndim != 3 or x.shape[1:] != (8, 8) or len(y) != len(x):
-            raise ValueError(
-                f"source: expected (n, 8, 8) scans and n labels, got {x.shape}, {y.shape}"
-            )
-    if limit is not None:
-        x, y = x[:limit], y[:limit]
-    rng = np.random.default_rng([seed, 0])
-    order = rng.permutation(len(x))
-    n_val = int(round(len(x) * val_fraction))
-    splits = {"val": np.sort(order[:n_val]), "train": np.sort(order[n_val:])}
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for split in ("train", "val"):
-        for digit in range(10):
-            (tmp / split / str(digit)).mkdir(parents=True, exist_ok=True)
+    if _existing(root, "digits_scaled", params):
+        return root
+    x, y, splits = _sources(seed, val_fraction, limit, source)
+    tmp = _scratch(root)
     lo, hi = np.log(TRAIN_SCALES[0]), np.log(TRAIN_SCALES[1])
     centre = (size - 1) / 2
     for i in splits["train"]:
@@ -288,27 +293,15 @@ def generate_scaled(
             out = render_digit(x[i], s, val_centre, size=size, **draw)
             Image.fromarray(out, mode="L").save(tmp / "val" / name)
             val[name] = {"scale": s, "centre": list(val_centre), "source": int(i)}
-    (tmp / "dataset.json").write_text(
-        json.dumps(
-            {
-                "name": "digits_scaled",
-                "source": "sklearn.datasets.load_digits",
-                "params": params,
-                "images": {"train": int(len(splits["train"]) * train_copies), "val": len(val)},
-                "classes": [str(d) for d in range(10)],
-                "val": val,
-            },
-            indent=1,
-        )
-    )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.rename(root)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (manifest.is_file() and json.loads(manifest.read_text()).get("params") == params):
-            raise
-    return root
+    description = {
+        "name": "digits_scaled",
+        "source": "sklearn.datasets.load_digits" if source is None else "custom",
+        "params": params,
+        "images": {"train": int(len(splits["train"]) * train_copies), "val": len(val)},
+        "classes": [str(d) for d in range(10)],
+        "val": val,
+    }
+    return _publish(tmp, root, description, indent=1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -308,29 +308,19 @@ def check_config(config: Config) -> None:
 def prepare_data(config: Config):
     """Generates the embedded dataset when asked to and missing; returns (train, val) splits."""
     root = Path(config.data.root)
-    if config.data.generate == "digits_deformed":
+    if config.data.generate:
         from train import digits
 
+        data = config.data
         if not root.exists():
-            log.info("generating digits_deformed in %s (once)", root)
-        digits.generate(
-            root,
-            seed=config.data.digits_seed,
-            train_copies=config.data.digits_train_copies,
-            val_copies=config.data.digits_val_copies,
-            size=config.data.digits_size,
-        )
-    elif config.data.generate == "digits_scaled":
-        from train import digits
-
-        if not root.exists():
-            log.info("generating digits_scaled in %s (once)", root)
-        digits.generate_scaled(
-            root,
-            seed=config.data.digits_seed,
-            train_copies=config.data.digits_train_copies,
-            size=config.data.digits_size,
-        )
+            log.info("generating %s in %s (once)", data.generate, root)
+        common = dict(seed=data.digits_seed, train_copies=data.digits_train_copies)
+        if data.generate == "digits_deformed":
+            digits.generate(
+                root, val_copies=data.digits_val_copies, size=data.digits_size, **common
+            )
+        else:
+            digits.generate_scaled(root, size=data.digits_size, **common)
     train_split = input_pipeline.read_split(root, "train")
     val_split = input_pipeline.read_split(
         root, "val", train_split.classes, labels=config.data.val_labels or None
