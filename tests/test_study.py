@@ -140,6 +140,12 @@ def test_decision_rule_returns_each_verdict():
     assert mean == pytest.approx(0.0) and low < 0 < high < 0.15
 
 
+def test_a_pad_off_the_last_stage_grid_is_rejected(tmp_path, capsys):
+    assert study.main(["--explore-pad", "12", "--workdir", str(tmp_path)]) == 2
+    assert "--explore-pad must be 0 or a positive multiple of 8" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing was trained
+
+
 def test_render_at_scale_keeps_the_centre():
     img = np.zeros((1, 9, 9), np.uint8)
     img[0, 4, 4] = 200
@@ -171,6 +177,8 @@ def test_study_end_to_end(tmp_path):
         "0",
         "--erf-sources",
         "4",
+        "--explore-pad",
+        "8",
         "--workdir",
         str(tmp_path / "runs"),
         "--docs",
@@ -184,6 +192,9 @@ def test_study_end_to_end(tmp_path):
     assert {"learned", "zoom_back", "hand_set_+1", "hand_set_-1"} <= set(run["stages"]["last"])
     frozen = json.loads((tmp_path / "runs" / "frozen_s0" / "scale_study.json").read_text())
     assert frozen["params"] == run["params"]
+    padded = json.loads((tmp_path / "runs" / "local_dk_s0" / "scale_study_pad8.json").read_text())
+    assert padded["stages"]["last"]["unit_centre"] == [32.0, 32.0]  # the val centre, moved by 8
+    assert "## Exploratory, not pre-registered" in results
     for name in ("erf_vs_scale", "mean_erf", "erf_digits"):
         assert (tmp_path / "study" / f"{name}.png").stat().st_size > 1000
     # Notes survive a rewrite; finished runs are not trained again.

@@ -127,34 +127,15 @@ def step_time(run_dir: Path, batch_size: int) -> float:
 # --- per-run analysis -------------------------------------------------------------------------
 
 
-def analyse(run_dir: Path, erf_sources: int) -> dict:
-    """Accuracy, ERF radii under the three conditions, exponents and the border share of one
-    run; cached in `scale_study.json` (mean ERF maps in `scale_erf.npz`)."""
-    from train import erf_scale, visualize
-    from train.report import write_json_atomic
-
-    cache = run_dir / "scale_study.json"
-    key = {"version": ANALYSIS_VERSION, "erf_sources": erf_sources}
-    if cache.is_file():
-        cached = json.loads(cache.read_text())
-        if cached.get("key") == key:
-            return cached
-    run = visualize.load_run(run_dir)
-    images, labels, scales, centres, sources = erf_scale.load_val(run)
-    levels = sorted(set(scales.tolist()))
-    predicted = visualize.predict(run, images)
-    top1 = [float(np.mean(predicted[scales == s] == labels[scales == s])) for s in levels]
-
-    chosen = np.random.default_rng(0).choice(np.unique(sources), erf_sources, replace=False)
-    subset = np.isin(sources, chosen)
-    pix, sc, ce = images[subset].astype(np.float32), scales[subset], centres[subset]
-    if not np.all(ce == ce[0]):
-        raise DatasetError("the scale study expects every val digit at one centre")
-    adaptive = not run.config.optim.freeze  # the frozen baseline has no offsets to set
+def _conditions(run, pix, sc, ce, levels, adaptive: bool, stages: dict[str, int]):
+    """Per stage: the unit, and per condition (learned, zoom_back, hand_set_+1/-1) and radius
+    statistic the mean over the images at each scale and the exponent; and the mean ERF map of
+    the last stage's unit per scale."""
+    from train import erf_scale
 
     conditions: dict = {}
     maps = {}
-    for stage, block in erf_scale.stage_blocks(run).items():
+    for stage, block in stages.items():
         unit, unit_centre = erf_scale.unit_at(run, block, ce[0])
         found = {}
         erf, found["learned"] = erf_scale.measure(run, run.variables, pix, sc, ce, block)
@@ -187,6 +168,40 @@ def analyse(run_dir: Path, erf_sources: int) -> dict:
                 for name, r in found.items()
             },
         }
+    return conditions, maps
+
+
+def _erf_subset(sources: np.ndarray, n: int) -> np.ndarray:
+    """Mask of the val images of `n` source digits drawn once (the same for every run)."""
+    chosen = np.random.default_rng(0).choice(np.unique(sources), n, replace=False)
+    return np.isin(sources, chosen)
+
+
+def analyse(run_dir: Path, erf_sources: int) -> dict:
+    """Accuracy, ERF radii under the three conditions, exponents and the border share of one
+    run; cached in `scale_study.json` (mean ERF maps in `scale_erf.npz`)."""
+    from train import erf_scale, visualize
+    from train.report import write_json_atomic
+
+    cache = run_dir / "scale_study.json"
+    key = {"version": ANALYSIS_VERSION, "erf_sources": erf_sources}
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return cached
+    run = visualize.load_run(run_dir)
+    images, labels, scales, centres, sources = erf_scale.load_val(run)
+    levels = sorted(set(scales.tolist()))
+    predicted = visualize.predict(run, images)
+    top1 = [float(np.mean(predicted[scales == s] == labels[scales == s])) for s in levels]
+
+    subset = _erf_subset(sources, erf_sources)
+    pix, sc, ce = images[subset].astype(np.float32), scales[subset], centres[subset]
+    if not np.all(ce == ce[0]):
+        raise DatasetError("the scale study expects every val digit at one centre")
+    adaptive = not run.config.optim.freeze  # the frozen baseline has no offsets to set
+
+    conditions, maps = _conditions(run, pix, sc, ce, levels, adaptive, erf_scale.stage_blocks(run))
     border = [erf_scale.border_share(run, run.variables, pix[sc == s]) for s in levels]
     summary = json.loads((run_dir / "summary.json").read_text())
     result = {
@@ -206,6 +221,34 @@ def analyse(run_dir: Path, erf_sources: int) -> dict:
     np.savez_compressed(
         run_dir / "scale_erf.npz", maps=np.stack([maps[s] for s in levels]), scales=levels
     )
+    write_json_atomic(cache, result)
+    return result
+
+
+def analyse_padded(run_dir: Path, erf_sources: int, pad: int) -> dict:
+    """Exploratory, outside the registered rule: the last stage's ERFs measured as in `analyse`
+    (same images, conditions and statistics) with every val image in the centre of a canvas
+    `pad` px larger on each side (background pixels), so that wide ERFs are not cut by the
+    training canvas's border. The networks are fully convolutional. Cached in
+    `scale_study_pad<pad>.json`."""
+    from train import erf_scale, visualize
+    from train.report import write_json_atomic
+
+    cache = run_dir / f"scale_study_pad{pad}.json"
+    key = {"version": ANALYSIS_VERSION, "erf_sources": erf_sources, "pad": pad}
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return cached
+    run = visualize.load_run(run_dir)
+    images, _, scales, centres, sources = erf_scale.load_val(run)
+    levels = sorted(set(scales.tolist()))
+    subset = _erf_subset(sources, erf_sources)
+    pix = np.pad(images[subset], ((0, 0), (pad, pad), (pad, pad))).astype(np.float32)
+    sc, ce = scales[subset], centres[subset] + pad
+    stages = {"last": erf_scale.stage_blocks(run)["last"]}
+    conditions, _ = _conditions(run, pix, sc, ce, levels, not run.config.optim.freeze, stages)
+    result = {"key": key, "scales": levels, "stages": conditions}
     write_json_atomic(cache, result)
     return result
 
@@ -285,6 +328,7 @@ def write_results(
     notes: str,
     study_wall: float | None,
     decided: dict,
+    explored: tuple[int, dict, dict] | None = None,
 ) -> None:
     from train import erf_scale
 
@@ -450,6 +494,8 @@ def write_results(
         "",
         f"![ERFs of single digits]({rel}/erf_digits.png)",
         "",
+        *_explored_section(explored),
+        "",
         "Step time (median ms per step after compilation, mean over seeds): "
         + ", ".join(
             f"`{arm}` {np.mean([r['step_s'] for r in runs.values()]) * 1000:.0f}"
@@ -471,6 +517,49 @@ def write_results(
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
+
+
+def _explored_section(explored) -> list[str]:
+    if explored is None:
+        return []
+    pad, runs, decided = explored
+    lines = [
+        "## Exploratory, not pre-registered: a larger canvas",
+        "",
+        "Added after the registered results showed that the positive controls of `dcn` and "
+        "`dk_dcn` fail where their wide ERFs reach the 48-px canvas. The same measurement (r50 "
+        f"of the last stage's unit) on the same val digits placed in the centre of a canvas {pad} "
+        "px larger on each side (background pixels; the networks are fully convolutional). The "
+        "last column applies the rule's arithmetic to these numbers; it is not a verdict of the "
+        "study, whose measurement was fixed at the training canvas.",
+        "",
+        "| arm | e (learned) | e zoom back | runs with zoom back >= 0.8 | Delta, mean [95% CI] | "
+        "e_max | the rule's arithmetic |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    from train import erf_scale
+
+    for arm, by_seed in runs.items():
+        rs = list(by_seed.values())
+        learned = [exponent_of(r, "learned") for r in rs]
+        zoom = [exponent_of(r, "zoom_back") for r in rs]
+        ok = sum(z >= erf_scale.POSITIVE_MIN for z in zoom)
+        d = decided.get(arm)
+        if d is None:
+            cells = "- | - | -"
+        else:
+            interval = (
+                f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+                if np.isfinite(d["mean"])
+                else "fewer than 3 valid pairs"
+            )
+            cells = f"{interval} | {d['e_max']:.3f} | {d['verdict']}"
+        lines.append(
+            f"| `{arm}` | {_ci(learned, '{:.2f}')} | {_ci(zoom, '{:.2f}')} | {ok} of {len(rs)} | "
+            + cells
+            + " |"
+        )
+    return [*lines, ""]
 
 
 def plot_all(results: dict, workdir: Path, figures: Path, erf_sources: int) -> list[Path]:
@@ -594,6 +683,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", nargs="+", default=list(study_config.ARMS))
     p.add_argument("--seeds", nargs="+", type=int, default=list(study_config.SEEDS))
     p.add_argument("--erf-sources", type=int, default=48, help="val source digits for the ERFs")
+    p.add_argument(
+        "--explore-pad",
+        type=int,
+        default=0,
+        help="also measure the ERFs on a canvas this many px larger on each side (exploratory)",
+    )
     p.add_argument("--workdir", default=None, help="default: the config's workdir")
     p.add_argument("--docs", default="docs", help="RESULTS.md and study/*.png go here")
     args = p.parse_args(argv)
@@ -606,6 +701,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         total_steps(config)
+        if args.explore_pad < 0 or args.explore_pad % 8:
+            raise ConfigError(
+                "--explore-pad must be 0 or a positive multiple of 8 (the last stage's stride), "
+                f"got {args.explore_pad}"
+            )
         unknown = [a for a in args.arms if a not in study_config.ARMS]
         if unknown:
             raise ConfigError(
@@ -627,6 +727,19 @@ def main(argv: list[str] | None = None) -> int:
             for arm in args.arms
         }
         decided = verdicts(results)
+        explored = None
+        if args.explore_pad:
+            log.info("exploratory analysis on a canvas %d px larger on each side", args.explore_pad)
+            padded = {
+                arm: {
+                    seed: analyse_padded(
+                        workdir / run_name(arm, seed), args.erf_sources, args.explore_pad
+                    )
+                    for seed in args.seeds
+                }
+                for arm in args.arms
+            }
+            explored = (args.explore_pad, padded, verdicts(padded))
         docs = Path(args.docs)
         figures = docs / "study"
         plot_all(results, workdir, figures, args.erf_sources)
@@ -652,6 +765,7 @@ def main(argv: list[str] | None = None) -> int:
             read_notes(results_md),
             study_wall,
             decided,
+            explored,
         )
     except (ConfigError, DatasetError) as e:
         print(f"train.study: error: {e}", file=sys.stderr)
