@@ -237,30 +237,35 @@ def border_share(run: visualize.Run, variables: dict, pixels: np.ndarray) -> flo
         return None
     mc = run.config.model
     scope = max(mc.scope_size, 3)
-    grid = np.tile(dkmath.kernel_grid((3, 3), (scope, scope)).reshape(-1), mc.rotation_groups)
 
     def make():
-        def rotations_of(variables, p):
+        def shares_of(variables, p):
             _, state = run.model.apply(
                 variables, _normalize(run, p), train=False, mutable=["intermediates"]
             )
-            leaves = []
-            for path, leaf in jax.tree_util.tree_leaves_with_path(state["intermediates"]):
-                if any(getattr(k, "key", None) == "rotation" for k in path):
-                    pos = leaf + jnp.asarray(grid, leaf.dtype)
-                    on = (pos <= 1e-4) | (pos >= scope - 1 - 1e-4)
-                    on = on.reshape(*on.shape[:-1], -1, 2).any(-1)  # a tap: either coordinate
-                    leaves.append(on.reshape(-1))
-            return jnp.concatenate(leaves).mean()
+            on_border = []
+            for path, rotation in jax.tree_util.tree_leaves_with_path(state["intermediates"]):
+                if not any(getattr(k, "key", None) == "rotation" for k in path):
+                    continue
+                ho, wo = rotation.shape[1:3]
+                every = np.stack(np.meshgrid(np.arange(ho), np.arange(wo), indexing="ij"), -1)
+                pos = analysis.kernel_sample_positions(
+                    rotation,
+                    every.reshape(-1, 2),
+                    kernel_size=3,
+                    scope_size=scope,
+                    rotation_groups=mc.rotation_groups,
+                )
+                on = (pos <= 1e-4) | (pos >= scope - 1 - 1e-4)
+                on_border.append(on.any(-1).reshape(-1))  # a tap: either coordinate
+            return jnp.concatenate(on_border).mean()
 
-        return rotations_of
+        return shares_of
 
     fn = visualize._compiled(run, "border-share", make)
-    shares = [
-        float(fn(variables, np.asarray(pixels[i : i + 64], np.float32)))
-        for i in range(0, len(pixels), 64)
-    ]
-    sizes = [len(pixels[i : i + 64]) for i in range(0, len(pixels), 64)]
+    chunks = range(0, len(pixels), 64)
+    shares = [float(fn(variables, np.asarray(pixels[i : i + 64], np.float32))) for i in chunks]
+    sizes = [len(pixels[i : i + 64]) for i in chunks]
     return float(np.average(shares, weights=sizes))
 
 

@@ -152,23 +152,25 @@ def _conditions(run, pix, sc, ce, levels, adaptive: bool, stages: dict[str, int]
                     variables = erf_scale.hand_set(run, run.variables, s**a)
                     _, r[at] = erf_scale.measure(run, variables, pix[at], sc[at], ce[at], block)
                 found[f"hand_set_{a:+g}"] = r
-        conditions[stage] = {
-            "unit": list(unit),
-            "unit_centre": list(unit_centre),
-            **{
-                name: {
-                    stat: {
-                        "mean": [float(np.nanmean(r[sc == s, k])) for s in levels],
-                        "e": erf_scale.exponent(
-                            levels, [np.nanmean(r[sc == s, k]) for s in levels]
-                        ),
-                    }
-                    for k, stat in enumerate(erf_scale.STATS)
+        conditions[stage] = {"unit": list(unit), "unit_centre": list(unit_centre)}
+        for name, r in found.items():
+            conditions[stage][name] = {}
+            for k, stat in enumerate(erf_scale.STATS):
+                means = [float(np.nanmean(r[sc == s, k])) for s in levels]
+                conditions[stage][name][stat] = {
+                    "mean": means,
+                    "e": erf_scale.exponent(levels, means),
                 }
-                for name, r in found.items()
-            },
-        }
     return conditions, maps
+
+
+def _cached(path: Path, key: dict) -> dict | None:
+    """The analysis stored at `path` if it was made with `key`, else None."""
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached
+    return None
 
 
 def _erf_subset(sources: np.ndarray, n: int) -> np.ndarray:
@@ -185,10 +187,9 @@ def analyse(run_dir: Path, erf_sources: int) -> dict:
 
     cache = run_dir / "scale_study.json"
     key = {"version": ANALYSIS_VERSION, "erf_sources": erf_sources}
-    if cache.is_file():
-        cached = json.loads(cache.read_text())
-        if cached.get("key") == key:
-            return cached
+    cached = _cached(cache, key)
+    if cached is not None:
+        return cached
     run = visualize.load_run(run_dir)
     images, labels, scales, centres, sources = erf_scale.load_val(run)
     levels = sorted(set(scales.tolist()))
@@ -236,10 +237,9 @@ def analyse_padded(run_dir: Path, erf_sources: int, pad: int) -> dict:
 
     cache = run_dir / f"scale_study_pad{pad}.json"
     key = {"version": ANALYSIS_VERSION, "erf_sources": erf_sources, "pad": pad}
-    if cache.is_file():
-        cached = json.loads(cache.read_text())
-        if cached.get("key") == key:
-            return cached
+    cached = _cached(cache, key)
+    if cached is not None:
+        return cached
     run = visualize.load_run(run_dir)
     images, _, scales, centres, sources = erf_scale.load_val(run)
     levels = sorted(set(scales.tolist()))
