@@ -13,7 +13,9 @@ measures, on the train augmentation of the ImageNet configs (random-resized-crop
    `reduced_decode=False` and with the DCT-scaled decode (the default); images per CPU second
    of this process (wall-clock rate alongside). Every call reads and decodes its JPEG from the
    file. Also on `--large` 1024x768 JPEGs, where the crop is often twice the output side and
-   the reduced decode applies.
+   the reduced decode applies. In the same rounds, the floor under any pipeline that decodes
+   the whole file: reading it and simplejpeg's fast decode alone, at full size and at 1/8
+   (where libjpeg-turbo's entropy decoding is nearly all that is left), no crop or resize.
 2. the pipeline: `input_pipeline.host_batches` (grain, one image per worker task, batches of
    `--batch` stacked in this process) with 1 and 2 worker processes, for both decodes; images
    per wall-clock second from the first batch on (worker start-up excluded), and per CPU
@@ -36,6 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 from train import images, input_pipeline
@@ -104,16 +107,27 @@ def previous_load_example(path: str, aug: images.Augment, seed) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
+def decode_only(path: str, factor: int) -> np.ndarray:
+    """Reading the file and simplejpeg's fast decode at 1/factor size, nothing else."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return simplejpeg.decode_jpeg(data, fastdct=True, fastupsample=True, min_factor=factor)
+
+
 PATHS = {
     "previous": (previous_load_example, False),
     "full_decode": (images.load_example, False),
     "reduced_decode": (images.load_example, True),
+    "decode_only": (lambda path, aug, seed: decode_only(path, 1), False),
+    "decode_only_eighth": (lambda path, aug, seed: decode_only(path, 8), False),
 }
 
 
 def per_core(paths: list[str], rounds: int) -> dict:
     """Images per CPU second (and per wall second) of decode + augment in this process, the
-    three paths in interleaved rounds so that a busy machine slows them alike."""
+    paths in interleaved rounds so that a busy machine slows them alike; and the ceiling a
+    whole-file decode leaves: `decode_only` against `previous`, which no pipeline that decodes
+    the whole file with simplejpeg can pass, however cheap its crop and resize."""
     cpu = {name: [] for name in PATHS}
     wall = {name: [] for name in PATHS}
     for r in range(rounds):
@@ -133,6 +147,12 @@ def per_core(paths: list[str], rounds: int) -> dict:
     }
     out["speedup_vs_previous"] = (
         out["reduced_decode"]["images_per_cpu_s"] / out["previous"]["images_per_cpu_s"]
+    )
+    out["ceiling_vs_previous"] = (
+        out["decode_only"]["images_per_cpu_s"] / out["previous"]["images_per_cpu_s"]
+    )
+    out["beyond_decode_ms"] = 1e3 * (
+        1 / out["reduced_decode"]["images_per_cpu_s"] - 1 / out["decode_only"]["images_per_cpu_s"]
     )
     return out
 
@@ -184,7 +204,6 @@ def environment() -> dict:
     import cv2
     import grain
     import PIL
-    import simplejpeg
 
     try:
         cpu = next(
