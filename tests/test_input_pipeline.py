@@ -19,7 +19,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_train import PY, REPO, TINY, evaluate_run, make_folder, train_env
+from test_train import (
+    PY,
+    REPO,
+    TINY,
+    evaluate_run,
+    make_folder,
+    result_of,
+    run_python,
+    train_args,
+    train_env,
+)
 
 from train import images, input_pipeline
 from train.images import DatasetError
@@ -286,16 +296,17 @@ def test_a_flat_val_folder_evaluates_to_the_top1_of_the_class_folders(tmp_path, 
         flat = evaluate_checkpoint(run, overrides=[f"data.root={flat}", f"data.val_labels={table}"])
         print("RESULT " + json.dumps([folders, flat]))
     """)
-    out = subprocess.run(
-        [PY, "-c", script, str(tmp_path / "run"), str(tmp_path / "flat"), str(table), *overrides],
-        cwd=REPO,
-        env=train_env(1, jax_cache),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    out = run_python(
+        "-c",
+        script,
+        str(tmp_path / "run"),
+        str(tmp_path / "flat"),
+        str(table),
+        *overrides,
+        cache=jax_cache,
     )
     assert out.returncode == 0, out.stderr[-4000:]
-    folders, flat = json.loads(out.stdout.split("RESULT ", 1)[1])
+    folders, flat = result_of(out)
     assert folders["val_images"] == flat["val_images"] == 18
     # A model that has learned something, so that wrong labels would show.
     assert folders["val_top1"] >= 0.6
@@ -337,18 +348,16 @@ def _train_steps(workdir: Path) -> int:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the workers through /proc")
 def test_a_killed_grain_worker_stops_the_run_with_an_error(tmp_path, jax_cache):
     root = make_folder(tmp_path / "d", classes=3, train=16, val=4)
-    args = [PY, "-m", "train", "--config", "digits_deformed", "--workdir", str(tmp_path / "run")]
-    for item in [
-        *TINY,
-        f"data.root={root}",
+    args = train_args(
+        root,
+        tmp_path / "run",
         "data.workers=2",
         "optim.num_steps=5000",
         "run.eval_every_steps=5000",
         "run.checkpoint_every_steps=5000",
-    ]:
-        args += ["--set", item]
+    )
     proc = subprocess.Popen(
-        args,
+        [PY, "-m", "train", *args],
         cwd=REPO,
         env=train_env(1, jax_cache),
         stdout=subprocess.PIPE,
@@ -406,25 +415,16 @@ NAN_SCRIPT = textwrap.dedent("""
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, jax_cache):
     root = make_folder(tmp_path / "d", classes=3, train=8, val=2)
-    args = ["--config", "digits_deformed", "--workdir", str(tmp_path / "run")]
-    for item in [
-        *TINY,
-        f"data.root={root}",
+    args = train_args(
+        root,
+        tmp_path / "run",
         "data.workers=0",
         "optim.num_steps=30",
         "run.log_every_steps=4",
         "run.checkpoint_every_steps=5",
         "run.keep_checkpoints=5",
-    ]:
-        args += ["--set", item]
-    out = subprocess.run(
-        [PY, "-c", NAN_SCRIPT, "13", *args],
-        cwd=REPO,
-        env=train_env(1, jax_cache),
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
+    out = run_python("-c", NAN_SCRIPT, "13", *args, cache=jax_cache)
     assert out.returncode == 2, out.stderr[-4000:]
     assert "dk-train: error: the train loss is nan at step 13" in out.stderr
     assert "the last checkpoint (step 10) is kept" in out.stderr

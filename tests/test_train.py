@@ -66,21 +66,24 @@ TINY = [
 ]
 
 
-def run_train(root: Path, workdir: Path, *extra: str, env: dict | None = None, **kw):
-    args = [
-        PY,
-        "-m",
-        "train",
-        "--config",
-        "digits_deformed",
-        "--workdir",
-        str(workdir),
-        "--set",
-        f"data.root={root}",
-    ]
-    for item in [*TINY, *extra]:
+def train_args(root: Path, workdir: Path, *extra: str) -> list[str]:
+    """The command line of `python -m train` (after `-m train`): the digits_deformed recipe made
+    `TINY`, reading `root`, writing `workdir`, with `extra` overrides last."""
+    args = ["--config", "digits_deformed", "--workdir", str(workdir)]
+    for item in [f"data.root={root}", *TINY, *extra]:
         args += ["--set", item]
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, **kw)
+    return args
+
+
+def run_train(root: Path, workdir: Path, *extra: str, env: dict | None = None, **kw):
+    return subprocess.run(
+        [PY, "-m", "train", *train_args(root, workdir, *extra)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        **kw,
+    )
 
 
 def train_env(devices: int = 1, cache: Path | None = None) -> dict:
@@ -94,16 +97,27 @@ def train_env(devices: int = 1, cache: Path | None = None) -> dict:
     return env
 
 
-def evaluate_run(run_dir: Path, cache: Path | None = None) -> dict:
-    """`python -m train.evaluate` of a run's latest checkpoint, in a subprocess: its JSON line."""
-    out = subprocess.run(
-        [PY, "-m", "train.evaluate", "--checkpoint", str(run_dir)],
+def run_python(*args: str, devices: int = 1, cache: Path | None = None):
+    """`python *args` from the repository root in `train_env(devices, cache)`, output captured,
+    ten minutes at most."""
+    return subprocess.run(
+        [PY, *args],
         cwd=REPO,
-        env=train_env(1, cache),
+        env=train_env(devices, cache),
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def result_of(out) -> object:
+    """The JSON a subprocess printed after "RESULT "."""
+    return json.loads(out.stdout.split("RESULT ", 1)[1])
+
+
+def evaluate_run(run_dir: Path, cache: Path | None = None) -> dict:
+    """`python -m train.evaluate` of a run's latest checkpoint, in a subprocess: its JSON line."""
+    out = run_python("-m", "train.evaluate", "--checkpoint", str(run_dir), cache=cache)
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -411,16 +425,17 @@ def test_data_parallel_on_4_devices_learns_and_never_gathers_activations(tmp_pat
         "optim.learning_rate=0.8",  # 0.05 at batch 16
         "run.checkpoint_every_steps=100",
     ]
-    out = subprocess.run(
-        [PY, "-c", DATA_PARALLEL_SCRIPT, str(root), str(tmp_path / "run"), json.dumps(overrides)],
-        cwd=REPO,
-        env=train_env(4, jax_cache),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    out = run_python(
+        "-c",
+        DATA_PARALLEL_SCRIPT,
+        str(root),
+        str(tmp_path / "run"),
+        json.dumps(overrides),
+        devices=4,
+        cache=jax_cache,
     )
     assert out.returncode == 0, out.stderr[-4000:]
-    result = json.loads(out.stdout.split("RESULT ", 1)[1])
+    result = result_of(out)
     assert result["devices"] == 4
     losses = result["losses"]
     assert len(losses) == 20
