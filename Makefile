@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup build demo demo-ops study test test-slow test-mutants test-peers lint bench clean
+.PHONY: setup build demo demo-ops study test test-isa test-slow test-mutants test-peers lint bench \
+	check-aarch64 clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +48,20 @@ demo-ops: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The operator suite under each build of the CPU loops this CPU runs (AVX-512, AVX2, baseline):
+# `make test` runs the best build, and compares all of them on every kernel family
+# (tests/test_build.py); this runs every operator test under each.
+test-isa: $(STAMP)
+	for isa in $$($(PY) -c "import dk_jax; print(' '.join(dk_jax.cpu_isas()))"); do \
+	  echo "== DK_JAX_CPU_ISA=$$isa"; \
+	  DK_JAX_CPU_ISA=$$isa $(PY) -m pytest -q tests/test_ops.py tests/test_grads.py \
+	    tests/test_cols.py tests/test_higher_order.py tests/test_build.py || exit 1; \
+	done
+
+# Cross-compiles the CPU library for aarch64 (needs Debian's g++-aarch64-linux-gnu).
+check-aarch64: $(STAMP)
+	bash scripts/cross_check_aarch64.sh
+
 # Long tests kept out of `make test` (see pyproject's markers).
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
@@ -64,6 +79,7 @@ test-peers: $(STAMP)
 # Operator and model benchmarks on this machine, then docs/BENCHMARKS.md from all results
 # (GPU rows come from scripts/gpu_check.sh runs saved in benchmarks/results/).
 bench: $(STAMP)
+	$(PY) -m benchmarks.ops --isa
 	$(PY) -m benchmarks.ops --json benchmarks/results/ops_cpu.json
 	$(PY) -m benchmarks.models --json benchmarks/results/models_cpu.json
 	$(PY) -m benchmarks.second_order --json benchmarks/results/second_order_cpu.json

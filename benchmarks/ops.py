@@ -5,6 +5,7 @@ torchvision's deform_conv2d, forward and forward+backward, with compiled tempora
     python -m benchmarks.ops --quick          # the standard shape only
     python -m benchmarks.ops --json out.json  # where to write the results
     python -m benchmarks.ops --full-conv      # only the grouped / full convolution case
+    python -m benchmarks.ops --isa            # the standard shape under every CPU build
 
 Times are medians over repeated runs after warm-up (block_until_ready), milliseconds. Every
 row of one run is measured in the same process, side by side, so ratios are meaningful even
@@ -391,6 +392,131 @@ def thread_scaling(repeats):
     return out
 
 
+ISA_FLAGS = ("sse2", "sse4_2", "avx", "avx2", "fma", "avx512f", "avx512vl", "avx512bw", "avx512dq")
+
+
+def cpu_flags():
+    """The vector-extension flags /proc/cpuinfo lists (x86), or the Features line (aarch64)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    have = set(line.split(":", 1)[1].split())
+                    return [x for x in ISA_FLAGS if x in have] or sorted(have)
+    except OSError:
+        pass
+    return []
+
+
+def isa_paths(repeats, rounds, torch_device=None):
+    """The standard shape under every CPU build of the loops this machine runs (AVX-512, AVX2,
+    baseline), in interleaved rounds in one process: each round times every build and the
+    rigid floors, so their ratios share the machine's state. Per build: local DK forward and
+    forward+backward (f32), local DK forward in bfloat16, the DCN case (zero rotation, S=K)
+    forward and forward+backward. Medians over rounds of per-round medians."""
+    case = CASES[0]
+    rng = np.random.default_rng(0)
+    n, hw, c, k, s = case.n, case.hw, case.c, case.k, case.scope
+    x = jnp.asarray(rng.normal(size=(n, hw, hw, c)), jnp.float32)
+    w_scope = jnp.asarray(rng.normal(size=(s, s, c)), jnp.float32)
+    w_rigid = jnp.asarray(rng.normal(size=(k, k, c)), jnp.float32)
+    rot = jnp.asarray(rng.normal(size=(n, hw, hw, k * k * 2)) * 0.5, jnp.float32)
+    off = jnp.asarray(rng.normal(size=(n, hw, hw, k * k * 2)) * 0.5, jnp.float32)
+    ct = jnp.asarray(rng.normal(size=(n, hw, hw, c)), jnp.float32)
+    zero_rot = jnp.zeros_like(rot)
+    bf16 = [a.astype(jnp.bfloat16) for a in (x, rot, w_scope)]
+
+    def dk(x, r, w):
+        return dk_jax.sample_depthwise(x, r, w, kernel_size=k, padding=1, implementation="ffi")
+
+    def dcn(x, o, w):
+        return dk_jax.deform_sample_depthwise(
+            x, o, zero_rot, w, kernel_size=k, padding=1, implementation="ffi"
+        )
+
+    floor = lambda x, w: rigid_slices(x, w, 1, 1)  # noqa: E731
+    per_isa = {
+        "local DK fwd": (jax.jit(dk), (x, rot, w_scope)),
+        "local DK fwd+bwd": (fwd_bwd(dk, 3), (ct, x, rot, w_scope)),
+        "local DK fwd bf16": (jax.jit(dk), tuple(bf16)),
+        "DCN fwd": (jax.jit(dcn), (x, off, w_rigid)),
+        "DCN fwd+bwd": (fwd_bwd(dcn, 3), (ct, x, off, w_rigid)),
+    }
+    floors = {
+        "rigid: XLA shifted slices fwd": (jax.jit(floor), (x, w_rigid)),
+        "rigid: XLA shifted slices fwd+bwd": (fwd_bwd(floor, 2), (ct, x, w_rigid)),
+    }
+    torch_fns = {}
+    if torch is not None and torch_device == "cpu":
+        tx = torch.tensor(np.asarray(x)).permute(0, 3, 1, 2).contiguous()
+        tw = torch.tensor(np.asarray(w_rigid)).permute(2, 0, 1)[:, None].contiguous()
+        toff = torch.tensor(np.asarray(off)).permute(0, 3, 1, 2).contiguous()
+        tct = torch.tensor(np.asarray(ct)).permute(0, 3, 1, 2).contiguous()
+
+        def conv(a, b):
+            return torch.nn.functional.conv2d(a, b, padding=1, groups=c)
+
+        def tv(a, b, o):
+            return torchvision.ops.deform_conv2d(a, o, b, padding=1)
+
+        def no_grad(f, *args):
+            def run():
+                with torch.no_grad():
+                    f(*args)
+
+            return run
+
+        def backward(f, *args):
+            def run():
+                leaves = [a.detach().requires_grad_() for a in args]
+                (f(*leaves) * tct).sum().backward()
+
+            return run
+
+        torch_fns = {
+            "rigid: torch conv2d (groups=C) fwd": (no_grad(conv, tx, tw), repeats),
+            "rigid: torch conv2d (groups=C) fwd+bwd": (backward(conv, tx, tw), repeats),
+            # torchvision's DCN takes 0.5-5 s a call here: one timed call a round.
+            "DCN torchvision fwd": (no_grad(tv, tx, tw, toff), 1),
+            "DCN torchvision fwd+bwd": (backward(tv, tx, tw, toff), 1),
+        }
+        for fn, _ in torch_fns.values():
+            fn()
+
+    def timed(fn, args, reps):
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    isas = dk_jax.cpu_isas()
+    active = dk_jax.cpu_isa()
+    samples: dict = {}
+    try:
+        for isa in isas:  # compile and warm every build before the first timed round
+            dk_jax._ffi.set_cpu_isa(isa)
+            for fn, args in per_isa.values():
+                jax.block_until_ready(fn(*args))
+        for _ in range(rounds):
+            for isa in isas:
+                dk_jax._ffi.set_cpu_isa(isa)
+                for name, (fn, args) in per_isa.items():
+                    reps = repeats if "bwd" not in name else max(3, repeats // 2)
+                    samples.setdefault((isa, name), []).append(timed(fn, args, reps))
+            for name, (fn, args) in floors.items():
+                samples.setdefault(("floor", name), []).append(timed(fn, args, repeats))
+            for name, (fn, reps) in torch_fns.items():
+                samples.setdefault(("floor", name), []).append(timed(fn, (), reps))
+    finally:
+        dk_jax._ffi.set_cpu_isa(active)
+    out: dict = {"rounds": rounds, "isas": isas, "default": active, "rows": {}}
+    for (group, name), values in samples.items():
+        out["rows"].setdefault(group, {})[name] = statistics.median(values)
+    return out
+
+
 def environment():
     env = dict(
         python=platform.python_version(),
@@ -400,6 +526,9 @@ def environment():
         cpus=os.cpu_count(),
         devices=[str(d) for d in jax.devices()],
         dk_jax_num_threads=os.environ.get("DK_JAX_NUM_THREADS"),
+        cpu_flags=cpu_flags(),
+        cpu_isa=dk_jax.cpu_isa() if dk_jax.ffi_available("cpu") else None,
+        cpu_isas=dk_jax.cpu_isas() if dk_jax.ffi_available("cpu") else [],
     )
     try:
         with open("/proc/cpuinfo") as f:
@@ -422,6 +551,10 @@ def main(argv=None):
     parser.add_argument(
         "--full-conv", action="store_true", help="only the grouped / full convolution case"
     )
+    parser.add_argument(
+        "--isa", action="store_true", help="only the standard shape under every CPU build"
+    )
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of --isa")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", default=f"benchmarks/results/ops_{jax.default_backend()}.json")
     args = parser.parse_args(argv)
@@ -433,6 +566,21 @@ def main(argv=None):
         if torch_device == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)
     results = dict(environment=environment(), cases={})
+    if args.isa:
+        results["isa"] = isa_paths(args.repeats, args.rounds, torch_device)
+        for group, rows in results["isa"]["rows"].items():
+            for name, ms in rows.items():
+                print(f"   {group:9s} {name:42s} {ms:9.2f} ms", flush=True)
+        path = (
+            args.json
+            if args.json != parser.get_default("json")
+            else ("benchmarks/results/ops_cpu_isa.json")
+        )
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {path}")
+        return results
     cases = CASES[:1] if args.quick else list(CASES)
     if gpu:  # the GPU target is stated at N=64
         cases.append(Case("standard N=64", n=64))

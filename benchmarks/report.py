@@ -33,6 +33,8 @@ def env_lines(env):
         "torch",
         "torchvision",
         "torch_threads",
+        "cpu_flags",
+        "cpu_isa",
     ]
     return [f"- {k}: {env[k]}" for k in keys if env.get(k) is not None]
 
@@ -177,6 +179,79 @@ def depthwise_dispatch_lines(ops):
         f"/ {direct['fwd_bwd_ms']:.2f} ms for `sample_depthwise` in the same run (same kernel).",
         "",
     ]
+
+
+def isa_section(result):
+    """The standard shape under each CPU build of the loops, from `benchmarks.ops --isa`."""
+    if result is None or "isa" not in result:
+        return []
+    isa = result["isa"]
+    rows = isa["rows"]
+    floor = rows["floor"]
+
+    def best(suffix):
+        name = min((k for k in floor if k.endswith(suffix)), key=lambda k: floor[k])
+        return name[: -len(suffix)].strip(), floor[name]
+
+    (fwd_name, fwd_floor), (bwd_name, bwd_floor) = best(" fwd"), best(" fwd+bwd")
+    out = [
+        "## Operators, CPU, by instruction set (standard shape, float32 unless said)",
+        "",
+        "Command: `python -m benchmarks.ops --isa` (results in "
+        "`benchmarks/results/ops_cpu_isa.json`). One library carries the CPU loops built for "
+        "AVX-512, AVX2 + FMA and the baseline (SSE2) and picks the best at load; here every build "
+        f"the machine runs is timed in {isa['rounds']} interleaved rounds in one process "
+        "(`DK_JAX_CPU_ISA` chooses a build for a whole process; the benchmark switches between "
+        "rounds). Medians of per-round medians.",
+        "",
+        *env_lines(result["environment"]),
+        f"- builds this CPU runs: {', '.join(isa['isas'])} (default: {isa['default']})",
+        "",
+        f"Floors: forward {fwd_name} {fwd_floor:.2f} ms, forward+backward {bwd_name} "
+        f"{bwd_floor:.2f} ms (the fastest rigid depthwise 3x3 of the run).",
+        "",
+        "| build | local DK fwd ms | / floor (<= 1.6x) | fwd+bwd ms | / floor (<= 1.2x) "
+        "| bf16 fwd / f32 (<= 1.3x) | DCN fwd ms | torchvision / DCN fwd (>= 40x) "
+        "| DCN fwd+bwd ms | torchvision / DCN fwd+bwd (>= 80x) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    tv_fwd, tv_bwd = floor.get("DCN torchvision fwd"), floor.get("DCN torchvision fwd+bwd")
+    notes = []
+    for name in isa["isas"]:
+        r = rows[name]
+        fwd, bwd = r["local DK fwd"] / fwd_floor, r["local DK fwd+bwd"] / bwd_floor
+        bf = r["local DK fwd bf16"] / r["local DK fwd"]
+        cells = [
+            f"{r['local DK fwd']:.2f}",
+            f"{fwd:.2f}x {verdict(fwd <= 1.6)}",
+            f"{r['local DK fwd+bwd']:.2f}",
+            f"{bwd:.2f}x {verdict(bwd <= 1.2)}",
+            f"{bf:.2f}x {verdict(bf <= 1.3)}",
+            f"{r['DCN fwd']:.2f}",
+        ]
+        if tv_fwd:
+            a, b = tv_fwd / r["DCN fwd"], tv_bwd / r["DCN fwd+bwd"]
+            cells += [
+                f"{a:.0f}x {verdict(a >= 40)}",
+                f"{r['DCN fwd+bwd']:.2f}",
+                f"{b:.0f}x {verdict(b >= 80)}",
+            ]
+        else:
+            cells += ["not measured", f"{r['DCN fwd+bwd']:.2f}", "not measured"]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    if tv_fwd:
+        notes.append(
+            f"- torchvision deform_conv2d (groups=C): {tv_fwd:.0f} ms forward, {tv_bwd:.0f} ms "
+            "forward+backward, one call a round."
+        )
+    if "baseline" in rows and "avx2" in rows:
+        b, a = rows["baseline"], rows["avx2"]
+        f, g = b["local DK fwd"] / a["local DK fwd"], b["local DK fwd+bwd"] / a["local DK fwd+bwd"]
+        notes.append(
+            f"- Baseline (SSE2) against AVX2: {f:.2f}x forward, {g:.2f}x forward+backward "
+            f"(target <= 3x: {verdict(max(f, g) <= 3)})."
+        )
+    return out + [""] + notes + [""]
 
 
 def ops_section(title, ops, targets, command):
@@ -425,6 +500,7 @@ def main(argv=None):
         "same run. A miss is shown as a miss.",
         "",
     ]
+    out += isa_section(load("ops_cpu_isa.json"))
     quick = load("ops_cpu_quick.json")
     if quick:
         out += ops_section(

@@ -9,7 +9,7 @@ docs/OPERATORS.md. The Flax layers built on them are `dk_jax.<Layer>` (flax.line
 
 from dk_jax import modules, nnx
 from dk_jax._ffi import available as ffi_available
-from dk_jax._ffi import export_safety_checks
+from dk_jax._ffi import cpu_isa, cpu_isas, export_safety_checks
 from dk_jax.analysis import effective_receptive_field, erf_radius, theoretical_receptive_field
 from dk_jax.modules import *  # noqa: F403  (the linen layers, listed in modules.__all__)
 from dk_jax.ops import (
@@ -24,6 +24,8 @@ from dk_jax.ops import (
 
 __all__ = [
     *modules.__all__,
+    "cpu_isa",
+    "cpu_isas",
     "deform_sample_conv",
     "deform_sample_depthwise",
     "deform_scope_im2col",

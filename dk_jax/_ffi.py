@@ -5,6 +5,11 @@
 `target_suffix()`, the interface version every target name ends with (xla_ffi/dk_targets.h is
 the one place it is written).
 
+CPU instruction sets: `_dk_cpu` carries its loops compiled for AVX-512, AVX2 + FMA and the
+architecture's baseline (x86-64: SSE2; aarch64: NEON) and runs the best one the CPU has.
+`DK_JAX_CPU_ISA=auto|avx512|avx2|baseline`, read once when the library loads, picks another; one
+the CPU lacks is a ValueError when dk_jax loads it. `cpu_isa()` names the build in use.
+
 Targets and `jax.export`: a serialised program names its custom-call targets, so their names,
 operand layouts and attributes are an interface (versioned by the suffix). `jax.export` refuses
 custom calls whose targets are not on its list of targets with compatibility guarantees; JAX
@@ -49,6 +54,9 @@ def _register(platform: str) -> bool:
         _errors[platform] = str(e)
         _registered[platform] = False
         return False
+    if platform == "cpu":
+        # A DK_JAX_CPU_ISA this CPU can't run raises ValueError here, naming the variable.
+        module.cpu_isa()
     registrations = module.registrations()
     for name, capsule in registrations.items():
         jax.ffi.register_ffi_target(
@@ -89,6 +97,34 @@ def export_safety_checks() -> list:
     allows it; pass this as `disabled_checks=` to export without relying on that.
     """
     return [jax.export.DisabledSafetyCheck.custom_call(name) for name in target_names()]
+
+
+def _cpu_module():
+    if not _register("cpu"):
+        raise RuntimeError(f"dk_jax: the CPU library is not available: {why_unavailable('cpu')}")
+    return importlib.import_module("dk_jax._dk_cpu")
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU custom calls run with: "avx512", "avx2" or "baseline".
+
+    The library carries its CPU loops compiled for each and picks the best one this CPU has
+    when it loads, unless the environment variable DK_JAX_CPU_ISA (auto, avx512, avx2 or
+    baseline) asks for another; asking for one the CPU lacks is a ValueError.
+    """
+    return _cpu_module().cpu_isa()
+
+
+def cpu_isas() -> list[str]:
+    """The instruction sets of the CPU loops this CPU can run, best first."""
+    return list(_cpu_module().cpu_isas_supported())
+
+
+def set_cpu_isa(isa: str) -> None:
+    """Switches the CPU custom calls to the loops for `isa` ("auto" for the best), from the next
+    call on, compiled programs included. For tests and benchmarks that compare the builds in one
+    process; DK_JAX_CPU_ISA is the way to choose one."""
+    _cpu_module().set_cpu_isa(isa)
 
 
 def lowering_platforms() -> list[str]:

@@ -194,7 +194,8 @@ def nd_linear_sample(
 
         out[m, c] = sum over the 2^D corners of data[corner, c] * prod_d weight_d
 
-    zero outside (a position p_d <= -1 or >= S_d reads nothing).
+    zero outside (a position p_d <= -1 or >= S_d reads nothing). Data with an empty spatial
+    dimension reads zero everywhere, and its gradients are zero.
 
     Args:
       data: (*S, C) with D = len(S) >= 1 spatial dimensions.

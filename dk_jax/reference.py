@@ -278,7 +278,8 @@ def nd_linear_sample(data: jax.Array, coord: jax.Array) -> jax.Array:
                     of data[k, c] * prod_d (1 - |coord[m, d] - k_d|)
 
     A corner outside the array contributes zero, and the whole read is zero when any
-    coordinate has coord[m, d] <= -1 or coord[m, d] >= S[d].
+    coordinate has coord[m, d] <= -1 or coord[m, d] >= S[d]. An array with an empty spatial
+    dimension has nothing to read: every read is zero, whatever the coordinate (NaN included).
     """
     data, coord = jnp.asarray(data), jnp.asarray(coord)
     spatial = data.shape[:-1]
@@ -288,6 +289,8 @@ def nd_linear_sample(data: jax.Array, coord: jax.Array) -> jax.Array:
             f"got {coord.shape}"
         )
     out_dtype = data.dtype
+    if 0 in spatial:
+        return jnp.zeros((coord.shape[0], data.shape[-1]), out_dtype)
     dtype = _compute_dtype(data.dtype)
     data, coord = data.astype(dtype), coord.astype(dtype)
     axes = [_linear_corners(coord[:, d], size) for d, size in enumerate(spatial)]

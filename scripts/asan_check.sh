@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(pwd)/.venv/bin/python}
 BUILD=build/asan
-cmake -S . -B "$BUILD" -G Ninja -DDK_JAX_CUDA=OFF -DDK_JAX_NATIVE=OFF -DCMAKE_BUILD_TYPE=Debug \
+cmake -S . -B "$BUILD" -G Ninja -DDK_JAX_CUDA=OFF -DDK_JAX_MARCH_NATIVE=OFF -DCMAKE_BUILD_TYPE=Debug \
   -DCMAKE_CXX_FLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer -O1" \
   -DPython_EXECUTABLE="$PY" -DPython_FIND_STRATEGY=LOCATION -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" > "$BUILD.log"
 cmake --build "$BUILD" >> "$BUILD.log"

@@ -29,7 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PRIMITIVES = "dk_jax/primitives.py"
-CPU = "xla_ffi/dk_cpu.cc"
+CPU = "xla_ffi/dk_cpu_loops.h"
+DISPATCH = "xla_ffi/dk_cpu.cc"
+MATH = "xla_ffi/dk_math.h"
 CUDA_V2 = "xla_ffi/dk_cuda_v2.cuh"
 
 
@@ -116,7 +118,7 @@ MUTANTS = [
         "with one rotation group the column derivative of the rotation is the row one",
         CPU,
         "            o[1] = narrow<T>(sv);\n",
-        "            o[1] = narrow<T>(kUnitStride ? su : sv);\n",
+        "            o[1] = narrow<T>(kOneGroup ? su : sv);\n",
         ("tests/test_grads.py::test_depthwise_derivatives_match_reference",),
     ),
     Mutant(
@@ -131,18 +133,23 @@ MUTANTS = [
         "forward-low-accumulation",
         "the bfloat16/float16 forward accumulates in the input precision",
         CPU,
-        "\n      acc[c] += tap_product(",
-        "\n      acc[c] = widen(narrow<T>(acc[c])) + tap_product(",
+        "      acc[v] += tap_product(image, kernel);\n",
+        "      T low[kLanes<F>];\n"
+        "      store_vec(low, acc[v]);\n"
+        "      acc[v] = load_vec(low) + tap_product(image, kernel);\n",
         ("tests/test_grads.py::test_low_precision_accumulates_in_float32",),
     ),
     Mutant(
         "grad-rotation-low-accumulation",
         "the rotation gradient sums channels in the input precision",
         CPU,
-        "              su += d * blend<4>(kf.dwdu, wr, c);\n"
-        "              sv += d * blend<4>(kf.dwdv, wr, c);\n",
-        "              su = widen(narrow<T>(su + d * blend<4>(kf.dwdu, wr, c)));\n"
-        "              sv = widen(narrow<T>(sv + d * blend<4>(kf.dwdv, wr, c)));\n",
+        "                vu += d * blend_vec<4>(kf.dwdu, wr, c);\n"
+        "                vv += d * blend_vec<4>(kf.dwdv, wr, c);\n",
+        "                T low[kLanes<F>];\n"
+        "                store_vec(low, vu + d * blend_vec<4>(kf.dwdu, wr, c));\n"
+        "                vu = load_vec(low);\n"
+        "                store_vec(low, vv + d * blend_vec<4>(kf.dwdv, wr, c));\n"
+        "                vv = load_vec(low);\n",
         ("tests/test_grads.py::test_low_precision_accumulates_in_float32",),
     ),
     Mutant(
@@ -160,6 +167,22 @@ MUTANTS = [
         "widen(tan[r]), widen(tan[r + 1]));\n            }\n#pragma GCC ivdep",
         "widen(tan[r]), widen(tan[r]));\n            }\n#pragma GCC ivdep",
         ("tests/test_grads.py::test_columns_derivatives_match_reference",),
+    ),
+    Mutant(
+        "dispatch-ignores-cpu",
+        "auto picks the best build the library has, whether or not the CPU can run it",
+        DISPATCH,
+        "      if (has(supported, isa)) return isa;\n",
+        "      return isa;\n",
+        ("tests/test_build.py::test_dispatch_rule_never_picks_an_unsupported_build",),
+    ),
+    Mutant(
+        "nan-position-scatters",
+        "a NaN position's gradient is scattered into element 0 of the plane it reads",
+        MATH,
+        "  return f.index[k] >= 0 && !f.nan;\n",
+        "  return f.index[k] >= 0;\n",
+        ("tests/test_ops.py::test_nan_positions_read_and_write_nothing",),
     ),
     Mutant(
         "v2-vector-one-group",

@@ -110,7 +110,7 @@ __global__ void location_kernel(Problem p, Operands<T> A, const T* zero_row,
         const F gy = is_cols(M) ? F(1) : widen(A.cot[loc * C + c]);
         const F d = gy * blend<4>(kf.w, wr, c);
         for (int k = 0; k < NI; ++k) {
-          if (img.index[k] >= 0) {
+          if (scatters_to(img, k)) {
             atomicAdd(grad_image + (n * p.H * p.W + img.index[k]) * C + c, img.w[k] * d);
           }
         }
@@ -166,7 +166,7 @@ __global__ void cols_kernel(Problem p, Operands<T> A, const T* zero_row, bool ke
         }
       }
       for (int k = 0; k < 4; ++k) {
-        if (kf.index[k] >= 0) mine[kf.index[k] * blockDim.x] += w[k] * d;
+        if (scatters_to(kf, k)) mine[kf.index[k] * blockDim.x] += w[k] * d;
       }
     }
     for (int64_t s = 0; s < S; ++s) A.out[(loc * S + s) * C + c] = narrow<T>(mine[s * blockDim.x]);
@@ -275,7 +275,7 @@ __global__ void grad_weight_partial_kernel(Problem p, Operands<T> A, const T* ze
       for (int k = 0; k < NI; ++k) xr[k] = img.index[k] >= 0 ? x_n + img.index[k] * C : zero_row;
       const F d = gy * blend<NI>(img.w, xr, c);
       for (int k = 0; k < 4; ++k) {
-        if (kf.index[k] >= 0) column[kf.index[k] * blockDim.x + threadIdx.x] += kf.w[k] * d;
+        if (scatters_to(kf, k)) column[kf.index[k] * blockDim.x + threadIdx.x] += kf.w[k] * d;
       }
     }
   }
@@ -535,6 +535,7 @@ __global__ void nd_point_channel_kernel(NdProblem p, const T* lhs, const T* coor
     const int64_t idx = nd_corner_index(f, k, p.shape);
     if (idx < 0) continue;
     if (M == NdMode::kGradData) {
+      if (!nd_scatters(f)) break;
       atomicAdd(grad_data + (nb * V + idx) * p.C + c,
                 nd_corner_weight(f, k, -1) * widen(lhs[point * p.C + c]));
       continue;

@@ -29,6 +29,7 @@ struct Footprint {
   F dwdu[4];
   F dwdv[4];
   F duv[4];
+  bool nan;  // the position is NaN: corner 0 reads element 0 with NaN weights, nothing else
 };
 
 template <typename F>
@@ -41,6 +42,7 @@ DK_HD Footprint<F> empty_footprint() {
     f.dwdv[k] = F(0);
     f.duv[k] = F(0);
   }
+  f.nan = false;
   return f;
 }
 
@@ -64,6 +66,7 @@ DK_HD Footprint<F> bilinear_footprint(F u, F v, int64_t R, int64_t Q) {
     f.dwdu[0] = nan;
     f.dwdv[0] = nan;
     f.duv[0] = nan;
+    f.nan = true;
     return f;
   }
   if (u <= F(-1) || v <= F(-1) || u >= F(R) || v >= F(Q)) return f;
@@ -80,15 +83,24 @@ DK_HD Footprint<F> bilinear_footprint(F u, F v, int64_t R, int64_t Q) {
   const F dwdu[4] = {-hx, -lx, hx, lx};
   const F dwdv[4] = {-hy, hy, -ly, ly};
   const F duv[4] = {F(1), F(-1), F(-1), F(1)};
+  // Selects, not branches: whether a corner is inside depends on the data (a kernel tap near
+  // the scope's edge), and mispredicted branches here cost the CPU loops more than the blend.
   for (int k = 0; k < 4; ++k) {
-    if (!in[k]) continue;
-    f.index[k] = idx[k];
-    f.w[k] = w[k];
-    f.dwdu[k] = dwdu[k];
-    f.dwdv[k] = dwdv[k];
-    f.duv[k] = duv[k];
+    f.index[k] = in[k] ? idx[k] : int64_t(-1);
+    f.w[k] = in[k] ? w[k] : F(0);
+    f.dwdu[k] = in[k] ? dwdu[k] : F(0);
+    f.dwdv[k] = in[k] ? dwdv[k] : F(0);
+    f.duv[k] = in[k] ? duv[k] : F(0);
   }
   return f;
+}
+
+// Whether a gradient scattered through corner k lands in the plane: the corner lies in it and
+// the position is a number. A NaN position's read of element 0 makes its result NaN, but
+// nothing flows back through it into the plane (as in the reference, which masks the read).
+template <typename F>
+DK_HD bool scatters_to(const Footprint<F>& f, int k) {
+  return f.index[k] >= 0 && !f.nan;
 }
 
 // Footprint of an integer position: a single corner of weight one (rigid image taps).
@@ -206,7 +218,11 @@ DK_HD NdFootprint<F> nd_footprint(const F* pos, const int64_t* shape, int dims) 
     f.frac[d] = F(0);
     if (is_nan(pos[d])) f.state = 2;
   }
-  if (f.state == 2) return f;
+  for (int d = 0; d < dims; ++d) {
+    // An empty dimension has nothing to read, not even element 0 for a NaN position.
+    if (shape[d] == 0) f.state = 1;
+  }
+  if (f.state != 0) return f;
   for (int d = 0; d < dims; ++d) {
     if (pos[d] <= F(-1) || pos[d] >= F(shape[d])) {
       f.state = 1;
@@ -238,6 +254,13 @@ DK_HD int64_t nd_corner_index(const NdFootprint<F>& f, int k, const int64_t* sha
     idx = idx * shape[d] + i;
   }
   return idx;
+}
+
+// Whether gradients scattered through the corners land in the data: not for a NaN position,
+// whose read of element 0 only makes its result NaN (as scatters_to for bilinear footprints).
+template <typename F>
+DK_HD bool nd_scatters(const NdFootprint<F>& f) {
+  return f.state != 2;
 }
 
 // Weight of corner k, and its derivative along dimension e (e < 0: the weight itself).

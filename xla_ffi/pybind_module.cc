@@ -6,6 +6,11 @@
 #include <string>
 
 #include "dk_targets.h"
+#if !defined(DK_PLATFORM_CUDA)
+#include <pybind11/stl.h>
+
+#include "dk_cpu_isa.h"
+#endif
 
 #if defined(DK_PLATFORM_CUDA)
 #define DK_SUFFIX(name) name##_cuda
@@ -35,4 +40,18 @@ PYBIND11_MODULE(DK_MODULE, m) {
 #undef DK_ENTRY
     return d;
   });
+#if !defined(DK_PLATFORM_CUDA)
+  // The build of the CPU loops (std::invalid_argument becomes ValueError).
+  m.def("cpu_isa", &dk::cpu_isa);
+  m.def("cpu_isas_built", &dk::cpu_isas_built);
+  m.def("cpu_isas_supported", &dk::cpu_isas_supported);
+  m.def("resolve_cpu_isa", &dk::resolve_cpu_isa);
+  m.def("set_cpu_isa", &dk::set_cpu_isa);
+  // Whether the whole library was compiled for the building machine (DK_JAX_MARCH_NATIVE=ON).
+#if defined(DK_MARCH_NATIVE)
+  m.def("march_native", []() { return true; });
+#else
+  m.def("march_native", []() { return false; });
+#endif
+#endif
 }
