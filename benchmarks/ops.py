@@ -500,6 +500,7 @@ def isa_paths(repeats, rounds, torch_device=None):
             for fn, args in per_isa.values():
                 jax.block_until_ready(fn(*args))
         for _ in range(rounds):
+            time.sleep(0.3)
             for isa in isas:
                 dk_jax._ffi.set_cpu_isa(isa)
                 for name, (fn, args) in per_isa.items():
@@ -507,6 +508,9 @@ def isa_paths(repeats, rounds, torch_device=None):
                     samples.setdefault((isa, name), []).append(timed(fn, args, reps))
             for name, (fn, args) in floors.items():
                 samples.setdefault(("floor", name), []).append(timed(fn, args, repeats))
+            # A pause between the libraries, so neither times the other's spinning worker
+            # threads (XLA's pool and torch's OpenMP both spin a while after work).
+            time.sleep(0.3)
             for name, (fn, reps) in torch_fns.items():
                 samples.setdefault(("floor", name), []).append(timed(fn, (), reps))
     finally:

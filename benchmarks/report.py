@@ -221,20 +221,25 @@ def isa_section(result):
         r = rows[name]
         fwd, bwd = r["local DK fwd"] / fwd_floor, r["local DK fwd+bwd"] / bwd_floor
         bf = r["local DK fwd bf16"] / r["local DK fwd"]
+
+        def judged(ok, name=name):
+            # The targets are the vector builds'; the baseline's is to stay within 3x of AVX2.
+            return "" if name == "baseline" else f" {verdict(ok)}"
+
         cells = [
             f"{r['local DK fwd']:.2f}",
-            f"{fwd:.2f}x {verdict(fwd <= 1.6)}",
+            f"{fwd:.2f}x{judged(fwd <= 1.6)}",
             f"{r['local DK fwd+bwd']:.2f}",
-            f"{bwd:.2f}x {verdict(bwd <= 1.2)}",
-            f"{bf:.2f}x {verdict(bf <= 1.3)}",
+            f"{bwd:.2f}x{judged(bwd <= 1.2)}",
+            f"{bf:.2f}x{judged(bf <= 1.3)}",
             f"{r['DCN fwd']:.2f}",
         ]
         if tv_fwd:
             a, b = tv_fwd / r["DCN fwd"], tv_bwd / r["DCN fwd+bwd"]
             cells += [
-                f"{a:.0f}x {verdict(a >= 40)}",
+                f"{a:.0f}x{judged(a >= 40)}",
                 f"{r['DCN fwd+bwd']:.2f}",
-                f"{b:.0f}x {verdict(b >= 80)}",
+                f"{b:.0f}x{judged(b >= 80)}",
             ]
         else:
             cells += ["not measured", f"{r['DCN fwd+bwd']:.2f}", "not measured"]
