@@ -484,12 +484,7 @@ def isa_paths(repeats, rounds, torch_device=None):
             fn()
 
     def timed(fn, args, reps):
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+        return median_ms(fn, *args, repeats=reps, warmup=0)
 
     isas = dk_jax.cpu_isas()
     active = dk_jax.cpu_isa()
