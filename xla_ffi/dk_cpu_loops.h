@@ -30,6 +30,9 @@ using Vec = typename VecOf<F>::type;
 template <typename F>
 constexpr int64_t kLanes = DK_CPU_VECTOR_BYTES / int64_t(sizeof(F));
 
+// 32-bit words as wide as a float vector (bfloat16 bit manipulation).
+typedef uint32_t Word __attribute__((vector_size(DK_CPU_VECTOR_BYTES)));
+
 // Lanes of channels c .. c + kLanes - 1 of a row, widened to the accumulator type.
 inline Vec<float> load_vec(const float* p) {
   Vec<float> v;
@@ -44,7 +47,6 @@ inline Vec<double> load_vec(const double* p) {
 inline Vec<float> load_vec(const bf16* p) {
   // bfloat16 is the high half of a float32: widen the 16-bit lanes and shift.
   typedef uint16_t Half __attribute__((vector_size(DK_CPU_VECTOR_BYTES / 2)));
-  typedef uint32_t Word __attribute__((vector_size(DK_CPU_VECTOR_BYTES)));
   Half h;
   std::memcpy(&h, p, sizeof h);
   const Word w = __builtin_convertvector(h, Word) << 16;
@@ -60,21 +62,23 @@ inline Vec<float> load_vec(const f16* p) {
   return v;
 }
 
+// The bits of narrow<bf16>(v) in the high half of each word (the low half is garbage).
+inline Word bf16_high_halves(const Vec<float>& v) {
+  Word u;
+  std::memcpy(&u, &v, sizeof u);
+  const Word nan = (u & 0x7fffffffu) > 0x7f800000u;
+  const Word rounded = u + 0x7fffu + ((u >> 16) & 1u);
+  return (nan & (u | 0x400000u)) | (~nan & rounded);
+}
+
 // Lanes back to T, rounded as narrow<T> rounds one value.
 template <typename T>
 inline void store_vec(T* p, const Vec<acc_t<T>>& v) {
   if constexpr (std::is_same<T, acc_t<T>>::value) {
     std::memcpy(p, &v, sizeof v);
   } else if constexpr (std::is_same<T, bf16>::value) {
-    // narrow<bf16> lane by lane: round to nearest even, NaN kept quiet.
-    typedef uint32_t Word __attribute__((vector_size(DK_CPU_VECTOR_BYTES)));
     typedef uint16_t Half __attribute__((vector_size(DK_CPU_VECTOR_BYTES / 2)));
-    Word u;
-    std::memcpy(&u, &v, sizeof u);
-    const Word nan = (u & 0x7fffffffu) > 0x7f800000u;  // all ones where NaN
-    const Word rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const Word quiet = (u >> 16) | 0x40u;
-    const Half h = __builtin_convertvector((nan & quiet) | (~nan & rounded), Half);
+    const Half h = __builtin_convertvector(bf16_high_halves(v) >> 16, Half);
     std::memcpy(p, &h, sizeof h);
   } else {
     for (int64_t k = 0; k < kLanes<acc_t<T>>; ++k) p[k] = narrow<T>(v[k]);
@@ -331,23 +335,12 @@ inline void forward_block(const T* const* rows, const acc_t<T>* weights, int64_t
 // gives the even channels (each 32-bit word shifted up) and the odd ones (the word's low half
 // cleared) as two float vectors, two instructions in all; they are summed apart and interleaved
 // back on the store. kPairs pairs of vectors span 2 * kLanes * kPairs channels.
-typedef uint32_t Word __attribute__((vector_size(DK_CPU_VECTOR_BYTES)));
-
 inline void load_bf16_pair(const bf16* p, Vec<float>& even, Vec<float>& odd) {
   Word w;
   std::memcpy(&w, p, sizeof w);
   const Word e = w << 16, o = w & 0xffff0000u;
   std::memcpy(&even, &e, sizeof even);
   std::memcpy(&odd, &o, sizeof odd);
-}
-
-// The bits of narrow<bf16>(v) in the high half of each word (the low half is garbage).
-inline Word bf16_high_halves(const Vec<float>& v) {
-  Word u;
-  std::memcpy(&u, &v, sizeof u);
-  const Word nan = (u & 0x7fffffffu) > 0x7f800000u;
-  const Word rounded = u + 0x7fffu + ((u >> 16) & 1u);
-  return (nan & (u | 0x400000u)) | (~nan & rounded);
 }
 
 template <int kPairs, int NI, int NR>
