@@ -18,12 +18,19 @@
 namespace dk {
 namespace {
 
-const CpuKernels* built_kernels(const std::string& isa) {
+// The builds in this library, best first; each table carries its name.
+std::vector<const CpuKernels*> builds() {
 #if defined(__x86_64__)
-  if (isa == "avx512") return &cpu_kernels_avx512();
-  if (isa == "avx2") return &cpu_kernels_avx2();
+  return {&cpu_kernels_avx512(), &cpu_kernels_avx2(), &cpu_kernels_baseline()};
+#else
+  return {&cpu_kernels_baseline()};
 #endif
-  if (isa == "baseline") return &cpu_kernels_baseline();
+}
+
+const CpuKernels* built_kernels(const std::string& isa) {
+  for (const CpuKernels* k : builds()) {
+    if (isa == k->isa) return k;
+  }
   return nullptr;
 }
 
@@ -116,11 +123,9 @@ ffi::Error nd_handler(ffi::ThreadPool pool, ffi::RemainingArgs args,
 }  // namespace
 
 std::vector<std::string> cpu_isas_built() {
-#if defined(__x86_64__)
-  return {"avx512", "avx2", "baseline"};
-#else
-  return {"baseline"};
-#endif
+  std::vector<std::string> out;
+  for (const CpuKernels* k : builds()) out.push_back(k->isa);
+  return out;
 }
 
 std::vector<std::string> cpu_isas_supported() {
