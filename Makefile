@@ -45,8 +45,11 @@ study: $(STAMP)
 demo-ops: $(STAMP)
 	$(PY) scripts/demo_ops.py
 
+# The test files are spread over TEST_WORKERS processes (pytest-xdist; a file stays in one
+# process, so its module fixtures are built once). TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The operator suite under each build of the CPU loops this CPU runs (AVX-512, AVX2, baseline):
 # `make test` runs the best build, and compares all of them on every kernel family
