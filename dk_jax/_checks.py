@@ -80,14 +80,3 @@ def output_size(size: int, kernel: int, stride: int, pad: int, dilation: int) ->
 def implementation(value: Any) -> None:
     if value not in (None, "ffi", "xla"):
         raise ValueError(f'implementation must be None, "ffi" or "xla", got {value!r}')
-
-
-def platform_of(*arrays: Any) -> str:
-    """The platform the op will run on: that of a concrete input, else the default backend."""
-    for a in arrays:
-        if isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer):
-            try:
-                return next(iter(a.devices())).platform
-            except Exception:  # noqa: BLE001 - deleted or unusual arrays: fall through
-                pass
-    return jax.default_backend()

@@ -8,32 +8,28 @@ Layouts are channels last. `rotation` holds kernel-space offsets, index
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from dk_jax import _checks, _ffi, reference
+from dk_jax import _checks, reference
 from dk_jax import primitives as prims
 
 IntOrPair = int | tuple[int, int]
 
 
-def _use_ffi(implementation: str | None, *arrays: Any) -> bool:
+def _traced_reference(implementation: str | None) -> bool:
+    """Whether the op is the jax.numpy reference traced into the program ("xla"). Otherwise it
+    binds the primitives, whose lowering is chosen per platform when the program is lowered:
+    the custom call where dk_jax has a kernel for the platform, elsewhere the reference
+    (implementation=None) or an error naming the platform ("ffi"; see `_kernel_only`)."""
     _checks.implementation(implementation)
-    if implementation == "xla":
-        return False
-    platform = _checks.platform_of(*arrays)
-    if _ffi.available(platform):
-        return True
-    if implementation == "ffi":
-        raise RuntimeError(
-            f'implementation="ffi" was asked for, but dk_jax has no FFI library for platform '
-            f"{platform!r}: {_ffi.why_unavailable(platform)}"
-        )
-    return False
+    return implementation == "xla"
+
+
+def _kernel_only(implementation: str | None) -> dict:
+    return {"kernel_only": implementation == "ffi"}
 
 
 def _depthwise_geometry(
@@ -120,7 +116,11 @@ def sample_depthwise(
       weight: (Sh, Sw, C) scope-sized depthwise kernel, Sh >= Kh, Sw >= Kw.
       kernel_size, stride, padding, dilation: an int or a pair.
       rotation_groups: G; C must be divisible by G.
-      implementation: "ffi", "xla" or None (ffi where built for the platform, else xla).
+      implementation: None (the default): the custom call on every platform where dk_jax has a
+        kernel (CPU; CUDA where built), the jax.numpy reference on any other (TPU, ROCm, ...),
+        chosen per platform when the program is lowered, so one exported artifact serves them
+        all. "ffi": the custom call, and an error when lowering for a platform without one.
+        "xla": the reference on every platform.
 
     Returns:
       (N, Ho, Wo, C) in the dtype of x; float32 accumulation.
@@ -129,12 +129,13 @@ def sample_depthwise(
     geo = _depthwise_geometry(
         x, rotation, weight, None, kernel_size, stride, padding, dilation, rotation_groups
     )
-    if not _use_ffi(implementation, x, rotation, weight):
+    if _traced_reference(implementation):
         return reference.sample_depthwise(x, rotation, weight, **geo)
     return prims.bind(
         "forward",
         deformable=False,
         geometry=_flat(geo),
+        **_kernel_only(implementation),
         x=x,
         rotation=rotation,
         weight=weight[None],
@@ -174,12 +175,13 @@ def deform_sample_depthwise(
     geo = _depthwise_geometry(
         x, rotation, weight, offset, kernel_size, stride, padding, dilation, rotation_groups
     )
-    if not _use_ffi(implementation, x, offset, rotation, weight):
+    if _traced_reference(implementation):
         return reference.deform_sample_depthwise(x, offset, rotation, weight, **geo)
     return prims.bind(
         "forward",
         deformable=True,
         geometry=_flat(geo),
+        **_kernel_only(implementation),
         x=x,
         offset=offset,
         rotation=rotation,
@@ -215,13 +217,15 @@ def nd_linear_sample(
             f"coord must have shape (M, {dims}) for data of shape {tuple(data.shape)}, "
             f"got {tuple(coord.shape)}"
         )
-    if not _use_ffi(implementation, data, coord):
+    if _traced_reference(implementation):
         return reference.nd_linear_sample(data, coord)
     if dims > 6:
         if implementation == "ffi":
             raise ValueError(f"the ffi nd_linear_sample supports up to 6 dimensions, got {dims}")
         return reference.nd_linear_sample(data, coord)
-    return prims.nd_bind("forward", data=data[None], coord=coord[None])[0]
+    return prims.nd_bind(
+        "forward", data=data[None], coord=coord[None], **_kernel_only(implementation)
+    )[0]
 
 
 def _cols_geometry(
@@ -279,10 +283,15 @@ def scope_im2col(
     geo, scope = _cols_geometry(
         x, rotation, None, scope_size, kernel_size, stride, padding, dilation, rotation_groups
     )
-    if not _use_ffi(implementation, x, rotation):
+    if _traced_reference(implementation):
         return reference.scope_im2col(x, rotation, scope_size=scope, **geo)
     return prims.cols_bind(
-        "forward", deformable=False, geometry=(*_flat(geo), *scope), x=x, rotation=rotation
+        "forward",
+        deformable=False,
+        geometry=(*_flat(geo), *scope),
+        x=x,
+        rotation=rotation,
+        **_kernel_only(implementation),
     )
 
 
@@ -305,12 +314,13 @@ def deform_scope_im2col(
     geo, scope = _cols_geometry(
         x, rotation, offset, scope_size, kernel_size, stride, padding, dilation, rotation_groups
     )
-    if not _use_ffi(implementation, x, offset, rotation):
+    if _traced_reference(implementation):
         return reference.deform_scope_im2col(x, offset, rotation, scope_size=scope, **geo)
     return prims.cols_bind(
         "forward",
         deformable=True,
         geometry=(*_flat(geo), *scope),
+        **_kernel_only(implementation),
         x=x,
         offset=offset,
         rotation=rotation,

@@ -2,9 +2,10 @@
 
 Depthwise family (`sample_depthwise`, `deform_sample_depthwise`). Every primitive takes its
 operands in the fixed order (cot, x, offset, rotation, weight, tangent), each one only where it
-applies, and the static params `deformable` (whether `offset` is present) and `geometry` =
-(kh, kw, sh, sw, ph, pw, dh, dw, groups). `weight` is (Nw, Sh, Sw, C) with Nw = 1 (shared) or
-Nw = N (one kernel per sample); batching folds any vmapped axis into N that way.
+applies, and the static params `deformable` (whether `offset` is present), `geometry` =
+(kh, kw, sh, sw, ph, pw, dh, dw, groups) and `kernel_only` (below). `weight` is (Nw, Sh, Sw, C)
+with Nw = 1 (shared) or Nw = N (one kernel per sample); batching folds any vmapped axis into N
+that way.
 
     forward        (x, [offset], rotation, weight)            -> y          (N, Ho, Wo, C)
     grad_image     (cot, [offset], rotation, weight)          -> gx         (N, H, W, C)
@@ -63,6 +64,13 @@ nd_linear_sample: data (Nb, *S, C), coord (Nb, M, D).
     nd_grad_data   (cot, coord)             -> gdata    (Nb, *S, C)
     nd_jvp_coord   (data, coord, tangent)   -> dout
     nd_grad_coord  (cot, data, coord)       -> gcoord   (Nb, M, D)
+
+Platforms. Each primitive lowers to its custom call on every platform with a kernel library
+(CPU; CUDA where built) and to its mode on the jax.numpy reference on any other (the default
+lowering rule: TPU, ROCm, ...), so a program exported for several platforms holds one branch per
+platform. The reference is run one sample at a time (vmapped), so its gathers split along a
+sharded batch as the custom call does; over an Explicit mesh it runs under shard_map. With
+`kernel_only` (implementation="ffi") lowering for a platform without a kernel is an error.
 
 Parallelism. Under `jax.shard_map` (check_vma=True) each output is typed as varying over the
 union of its operands' varying manual axes, and `bind` first casts every operand to that union
@@ -347,11 +355,11 @@ def _cast_to_common_varying(args):
     ]
 
 
-def _bind(family: _Family, mode: str, *, deformable: bool, geometry, **operands):
+def _bind(family: _Family, mode: str, *, deformable: bool, geometry, kernel_only=False, **operands):
     params = {k: operands.pop(k) for k in ("image_shape", "weight_shape") if k in operands}
     args = _cast_to_common_varying([operands[r] for r in _roles(family, mode, deformable)])
     return _prims[family.name][mode].bind(
-        *args, deformable=deformable, geometry=tuple(geometry), **params
+        *args, deformable=deformable, geometry=tuple(geometry), kernel_only=kernel_only, **params
     )
 
 
@@ -387,7 +395,9 @@ def _result_aval(shape, dtype, operands, batched: bool = True):
     )
 
 
-def _out_aval(family, mode, *args, deformable, geometry, image_shape=None, weight_shape=None):
+def _out_aval(
+    family, mode, *args, deformable, geometry, kernel_only, image_shape=None, weight_shape=None
+):
     a = dict(zip(_roles(family, mode, deformable), args, strict=True))
     rot = a["rotation"]
     n, ho, wo = rot.shape[:3]
@@ -508,10 +518,132 @@ def _dk_lowering(family, mode, ctx, *args, deformable, geometry, **_):
     )
 
 
-def _register_lowerings(prims, lowering):
-    for platform in _ffi.lowering_platforms():
-        for mode, p in prims.items():
+def _reference_lowering(name, reference, ctx, *args, kernel_only, **params):
+    """The lowering on a platform without a kernel: the mode's jax.numpy reference, lowered in
+    place (the same operands, shapes and sharding), or with `implementation="ffi"` an error."""
+    if kernel_only:
+        missing = [p for p in ctx.module_context.platforms if p not in _ffi.lowering_platforms()]
+        reasons = "; ".join(f"{p}: {_ffi.why_unavailable(p)}" for p in missing)
+        raise RuntimeError(
+            f'implementation="ffi" was asked for, but dk_jax has no kernel for platform(s) '
+            f"{', '.join(map(repr, missing))} ({reasons}); with implementation=None the "
+            f"{name} lowers to its jax.numpy reference there (and to the kernel where there is "
+            'one), with implementation="xla" to the reference everywhere'
+        )
+    n, out_rows = max(a.shape[0] for a in ctx.avals_in), ctx.avals_out[0].shape[0]
+    fun = partial(_per_sample, reference, out_rows, params)
+    mesh, batch_axes = _explicit_batch_axes(ctx.avals_in, n)
+    if batch_axes:
+        fun = _on_each_device(reference, ctx.avals_in, ctx.avals_out[0], mesh, batch_axes, params)
+    # Traced on plain avals (but for an Explicit mesh's sharding): the operands' shard_map types
+    # have done their work (the primitive's rules checked them), and the reference's own
+    # constants would otherwise be typed as not varying.
+    ctx = ctx.replace(
+        avals_in=[_plain(a, batch_axes) for a in ctx.avals_in],
+        avals_out=[_plain(a, batch_axes) for a in ctx.avals_out],
+    )
+    return mlir.lower_fun(fun, multiple_results=False)(ctx, *args)
+
+
+def _plain(aval, keep_sharding):
+    sharding = aval.sharding if keep_sharding else None
+    return jax.core.ShapedArray(aval.shape, aval.dtype, sharding=sharding)
+
+
+def _explicit_batch_axes(avals, n) -> tuple:
+    """(mesh, the Explicit mesh axes the operands' leading axis n is split over), or (None, ())."""
+    for a in avals:
+        mesh = a.sharding.mesh
+        if mesh.empty or not a.ndim or a.shape[0] != n or not a.sharding.spec:
+            continue
+        axes = a.sharding.spec[0]
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+        if axes and all(types[x] == jax.sharding.AxisType.Explicit for x in axes):
+            return mesh, axes
+    return None, ()
+
+
+def _on_each_device(reference, avals_in, aval_out, mesh, batch_axes, params):
+    """`_per_sample(reference)` run on each device's samples of a batch split over Explicit
+    mesh axes (shard_map, manual over those axes), as the batch-partitioned custom call is; a
+    shared result (a weight's gradient) is summed over them. Any other split of an operand (a
+    sharded weight, a spatial axis) is gathered first."""
+    n = max(a.shape[0] for a in avals_in)
+    devices = int(np.prod([mesh.shape[a] for a in batch_axes]))
+    local = {
+        k: (v[0] // devices if v[0] == n else v[0], *v[1:])
+        for k, v in params.items()
+        if k.endswith("_shape")
+    }
+    split = P(batch_axes)
+    specs = tuple(split if a.shape[0] == n else P() for a in avals_in)
+    shared_out = aval_out.shape[0] != n
+
+    def body(*operands):
+        rows = 1 if shared_out else n // devices
+        out = _per_sample(reference, rows, dict(params, **local), *operands)
+        return jax.lax.psum(out, batch_axes) if shared_out else out
+
+    per_device = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=specs,
+        out_specs=P() if shared_out else split,
+        axis_names=set(batch_axes),
+        check_vma=False,
+    )
+
+    def run(*operands):
+        operands = [jax.sharding.reshard(o, s) for o, s in zip(operands, specs, strict=True)]
+        return jax.sharding.reshard(per_device(*operands), aval_out.sharding.spec)
+
+    return run
+
+
+def _per_sample(reference, out_rows, params, *args):
+    """reference(*args, **params) computed one sample at a time (vmapped over the leading axis
+    n, shared operands of leading axis 1 unmapped), as the kernels are: its gathers then carry
+    the batch as a batching dimension, so XLA splits them along a sharded batch instead of
+    gathering the operands. A result of leading axis 1 beside n > 1 (a shared weight's or
+    table's gradient) is the per-sample results' sum, in float32 (float64 for float64)."""
+    n = max(a.shape[0] for a in args)
+    if n == 1:
+        return reference(*args, **params)
+    one = {k: (1, *v[1:]) for k, v in params.items() if k.endswith("_shape")}
+
+    def sample(*operands):
+        return reference(*operands, **dict(params, **one))[0]
+
+    mapped = [a.shape[0] == n for a in args]
+    out = jax.vmap(sample, in_axes=[0 if m else None for m in mapped])(
+        *[a[:, None] if m else a for a, m in zip(args, mapped, strict=True)]
+    )
+    if out_rows == 1:
+        total = jnp.promote_types(out.dtype, jnp.float32)
+        out = jnp.sum(out, axis=0, keepdims=True, dtype=total).astype(out.dtype)
+    return out
+
+
+def _register_lowerings(prims, lowering, reference):
+    """Each primitive lowers to its custom call on every platform with a kernel library, and to
+    its jax.numpy reference on every other platform (the default rule): a program exported for
+    several platforms holds one branch per platform."""
+    for mode, p in prims.items():
+        _REFERENCE_LOWERINGS[p] = partial(_reference_lowering, p.name, partial(reference, mode))
+        mlir.register_lowering(p, _REFERENCE_LOWERINGS[p])
+        for platform in _ffi.lowering_platforms():
             mlir.register_lowering(p, partial(lowering, mode), platform=platform)
+
+
+_REFERENCE_LOWERINGS: dict = {}
+
+
+def _lower_to_reference_on(platform: str) -> None:
+    """Makes `platform` lower every primitive as a platform without a kernel does (for tests:
+    the branch TPU gets, run on CPU). For the rest of the process."""
+    for p, rule in _REFERENCE_LOWERINGS.items():
+        mlir.register_lowering(p, rule, platform=platform)
 
 
 # --- reference versions of the modes -------------------------------------------------------
@@ -576,6 +708,12 @@ def _reference_mode(family, mode, deformable, geometry, params, named):
     return pullback(named["cot"])[0]
 
 
+def _dk_reference(family, mode, *args, deformable, geometry, **params):
+    """A mode on the reference, operands in the primitive's order (the fallback lowering)."""
+    named = dict(zip(_roles(family, mode, deformable), args, strict=True))
+    return _reference_mode(family, mode, deformable, geometry, params, named)
+
+
 def _reference_jvp(family, mode, role, named, tangent, *, deformable, geometry, **params):
     """The derivative of `mode` in `role` along `tangent`, on the reference."""
 
@@ -628,13 +766,11 @@ def _rotation_jvp(family, mode, named, s, kw, params):
     return _cross_grad(out, s) if how == "cross_grad" else out
 
 
-def _dk_jvp(family, mode, primals, tangents, *, deformable, geometry, **params):
+def _dk_jvp(family, mode, primals, tangents, *, deformable, geometry, kernel_only, **params):
     roles = _roles(family, mode, deformable)
     named = dict(zip(roles, primals, strict=True))
-    out = _prims[family.name][mode].bind(
-        *primals, deformable=deformable, geometry=geometry, **params
-    )
-    kw = dict(deformable=deformable, geometry=geometry)
+    kw = dict(deformable=deformable, geometry=geometry, kernel_only=kernel_only)
+    out = _prims[family.name][mode].bind(*primals, **kw, **params)
     terms = []
     for role, t in zip(roles, tangents, strict=True):
         if _is_zero(t):
@@ -665,7 +801,7 @@ def _with_sharding_of(aval, ct):
     return jax.sharding.reshard(ct, want)
 
 
-def _dk_transpose(family, mode, ct, *args, deformable, geometry, **params):
+def _dk_transpose(family, mode, ct, *args, deformable, geometry, kernel_only, **params):
     roles = _roles(family, mode, deformable)
     undefined = [r for r, a in zip(roles, args, strict=True) if ad.is_undefined_primal(a)]
     if len(undefined) != 1:
@@ -690,9 +826,8 @@ def _dk_transpose(family, mode, ct, *args, deformable, geometry, **params):
         ops[ct_role] = jnp.asarray(ct)
         if shape_param is not None:
             ops[shape_param] = aval.shape
-        result = _with_sharding_of(
-            aval, _bind(family, target, deformable=deformable, geometry=geometry, **ops)
-        )
+        kw = dict(deformable=deformable, geometry=geometry, kernel_only=kernel_only)
+        result = _with_sharding_of(aval, _bind(family, target, **kw, **ops))
     return [result if i == index else None for i in range(len(roles))]
 
 
@@ -743,7 +878,11 @@ for _family in (DK, COLS):
         ad.primitive_jvps[_p] = partial(_dk_jvp, _family, _mode)
         ad.primitive_transposes[_p] = partial(_dk_transpose, _family, _mode)
         batching.primitive_batchers[_p] = partial(_dk_batch, _family, _mode)
-    _register_lowerings(_prims[_family.name], partial(_dk_lowering, _family))
+    _register_lowerings(
+        _prims[_family.name],
+        partial(_dk_lowering, _family),
+        partial(_dk_reference, _family),
+    )
 
 
 # ===========================================================================================
@@ -765,14 +904,16 @@ ND_LINEAR = {
 nd_p = {mode: _new_primitive(f"dk_nd_{mode}") for mode in ND_ROLES}
 
 
-def nd_bind(mode: str, **operands):
+def nd_bind(mode: str, *, kernel_only=False, **operands):
     params = {k: operands.pop(k) for k in ("data_shape",) if k in operands}
     return nd_p[mode].bind(
-        *_cast_to_common_varying([operands[r] for r in ND_ROLES[mode]]), **params
+        *_cast_to_common_varying([operands[r] for r in ND_ROLES[mode]]),
+        kernel_only=kernel_only,
+        **params,
     )
 
 
-def _nd_out_aval(mode, *args, data_shape=None):
+def _nd_out_aval(mode, *args, kernel_only, data_shape=None):
     a = dict(zip(ND_ROLES[mode], args, strict=True))
     coord = a["coord"]
     if mode == "forward" or mode == "jvp_coord":
@@ -791,9 +932,14 @@ def _nd_lowering(mode, ctx, *args, **_):
     )
 
 
-def _nd_reference_mode(mode, named, data_shape=None):
+def _nd_reference_mode(mode, named, data_shape=None, **_):
     """`mode` computed on the reference (batched over Nb) from operands by role."""
-    op = jax.vmap(reference.nd_linear_sample)
+
+    def op(data, coord):  # data (1, *S, C) is one table shared by every sample's coordinates
+        if data.shape[0] == 1 and coord.shape[0] != 1:
+            return jax.vmap(reference.nd_linear_sample, in_axes=(None, 0))(data[0], coord)
+        return jax.vmap(reference.nd_linear_sample)(data, coord)
+
     coord = named["coord"]
     if mode == "forward":
         return op(named["data"], coord)
@@ -808,6 +954,7 @@ def _nd_reference_mode(mode, named, data_shape=None):
 
 def _nd_jvp(mode, primals, tangents, **params):
     named = dict(zip(ND_ROLES[mode], primals, strict=True))
+    kernel_only = params["kernel_only"]
     out = nd_p[mode].bind(*primals, **params)
     terms = []
     for role, t in zip(ND_ROLES[mode], tangents, strict=True):
@@ -816,7 +963,7 @@ def _nd_jvp(mode, primals, tangents, **params):
         if role in ND_LINEAR[mode]:
             terms.append(nd_bind(mode, **dict(named, **{role: t}), **params))
         elif mode == "forward" and role == "coord":
-            terms.append(nd_bind("jvp_coord", **named, tangent=t))
+            terms.append(nd_bind("jvp_coord", **named, tangent=t, kernel_only=kernel_only))
         else:
             # jvp_coord / grad_coord / grad_data in coord: second derivatives, on the reference.
             def f(c):
@@ -835,16 +982,17 @@ def _nd_transpose(mode, ct, *args, **params):
     index = roles.index(role)
     aval = args[index].aval
     g = {r: a for r, a in zip(roles, args, strict=True) if r != role}
+    kw = dict(kernel_only=params["kernel_only"])
     if _is_zero(ct):
         result = ad.Zero(aval)
     elif (mode, role) == ("forward", "data"):
-        result = nd_bind("grad_data", cot=ct, coord=g["coord"], data_shape=aval.shape)
+        result = nd_bind("grad_data", cot=ct, coord=g["coord"], data_shape=aval.shape, **kw)
     elif (mode, role) == ("grad_data", "cot"):
-        result = nd_bind("forward", data=ct, coord=g["coord"])
+        result = nd_bind("forward", data=ct, coord=g["coord"], **kw)
     elif (mode, role) == ("jvp_coord", "tangent"):
-        result = nd_bind("grad_coord", cot=ct, data=g["data"], coord=g["coord"])
+        result = nd_bind("grad_coord", cot=ct, data=g["data"], coord=g["coord"], **kw)
     elif (mode, role) == ("grad_coord", "cot"):
-        result = nd_bind("jvp_coord", data=g["data"], coord=g["coord"], tangent=ct)
+        result = nd_bind("jvp_coord", data=g["data"], coord=g["coord"], tangent=ct, **kw)
     elif role in ND_LINEAR[mode]:
         # jvp_coord / grad_coord in data: no custom call computes it; on the reference.
         def f(v):
@@ -887,4 +1035,10 @@ for _mode, _p in nd_p.items():
     ad.primitive_transposes[_p] = partial(_nd_transpose, _mode)
     batching.primitive_batchers[_p] = partial(_nd_batch, _mode)
 
-_register_lowerings(nd_p, _nd_lowering)
+
+def _nd_reference(mode, *args, **params):
+    """A mode on the reference, operands in the primitive's order (the fallback lowering)."""
+    return _nd_reference_mode(mode, dict(zip(ND_ROLES[mode], args, strict=True)), **params)
+
+
+_register_lowerings(nd_p, _nd_lowering, _nd_reference)

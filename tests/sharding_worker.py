@@ -210,6 +210,7 @@ def check(name, fun, args, meshes, activation_size):
             "all_gathers": sizes,
             "large_all_gathers": [s for s in sizes if s >= activation_size],
             "all_reduces": len(re.findall(r" all-reduce\(", hlo)),
+            "dk_custom_calls": len(re.findall(r'custom_call_target="dk_', hlo)),
         }
     return out
 
@@ -366,8 +367,21 @@ def check_train_steps():
     return out
 
 
+REFERENCE_OPS = ("deform_sample_depthwise", "deform_sample_conv", "nd_linear_sample_shared_data")
+REFERENCE_LAYERS = ("DeformConv2d",)
+
+
 def main(parts):
     assert len(DEVICES) == 4, DEVICES
+    ops_cases, layer_cases = OPS, LAYERS
+    if "reference_lowering" in parts:
+        # The branch a platform without a kernel gets (TPU, ROCm), here on CPU, on one op of
+        # each family (the reference compiles slowly) and the layer with a replicated operand.
+        from dk_jax import primitives
+
+        primitives._lower_to_reference_on("cpu")
+        ops_cases = {k: OPS[k] for k in REFERENCE_OPS}
+        layer_cases = {k: LAYERS[k] for k in REFERENCE_LAYERS}
     meshes = {
         kind: jax.make_mesh((4,), (AXIS,), axis_types=(axis_type,))
         for kind, axis_type in (("explicit", AxisType.Explicit), ("auto", AxisType.Auto))
@@ -376,14 +390,15 @@ def main(parts):
     activation = H * W * C  # one sample of x: anything this large is activation-sized
     if "ops" in parts:
         result["ops"] = {
-            name: check(name, fun, args, meshes, activation) for name, (fun, args) in OPS.items()
+            name: check(name, fun, args, meshes, activation)
+            for name, (fun, args) in ops_cases.items()
         }
         result["vmap_in_shard_map"] = check_vmap_in_shard_map(meshes["auto"])
         result["hvp"] = check_hvp(meshes["auto"])
         result["bad_input"] = check_bad_input(meshes["auto"])
     if "layers" in parts:
         result["layers"] = {
-            name: check(name, *layer_case(m), meshes, activation) for name, m in LAYERS.items()
+            name: check(name, *layer_case(m), meshes, activation) for name, m in layer_cases.items()
         }
     if "train" in parts:
         result["train"] = check_train_steps()
@@ -391,4 +406,4 @@ def main(parts):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["ops", "layers", "train"])
+    main(sys.argv[1:] or ["ops", "layers", "train"])  # and "reference_lowering"

@@ -68,6 +68,12 @@ def ops_result() -> dict:
     return run_worker("ops", "layers")
 
 
+@pytest.fixture(scope="module")
+def reference_lowering_result() -> dict:
+    """The same checks with every primitive lowered as on a platform without a kernel."""
+    return run_worker("reference_lowering", "ops", "layers")
+
+
 def _assert_sharded_like_one_device(case: dict, name: str) -> None:
     assert "shard_map_error" not in case, case
     assert case["shard_map_grad_err"] < TOL, (name, case)
@@ -85,6 +91,34 @@ def _assert_sharded_like_one_device(case: dict, name: str) -> None:
 @pytest.mark.parametrize("name", OPS)
 def test_op_gradients_match_one_device_and_nothing_is_gathered(ops_result, name):
     _assert_sharded_like_one_device(ops_result["ops"][name], name)
+    assert ops_result["ops"][name]["auto"]["dk_custom_calls"] > 0
+
+
+# What tests/sharding_worker.py checks on the reference lowering (REFERENCE_OPS, _LAYERS).
+REFERENCE_CASES = [
+    "deform_sample_depthwise",
+    "deform_sample_conv",
+    "nd_linear_sample_shared_data",
+    "DeformConv2d",
+]
+
+
+@pytest.mark.parametrize("name", REFERENCE_CASES)
+def test_the_reference_lowering_shards_like_the_kernels(reference_lowering_result, name):
+    """The branch of a platform without a kernel (TPU): the same primitives and rules, each
+    lowered to its jax.numpy reference; as sharded, and with no custom call."""
+    r = reference_lowering_result
+    case = r["ops"][name] if name in r["ops"] else r["layers"][name]
+    _assert_sharded_like_one_device(case, name)
+    assert case["auto"]["dk_custom_calls"] == case["explicit"]["dk_custom_calls"] == 0, case
+
+
+def test_the_reference_lowering_under_vmap_and_second_order(reference_lowering_result):
+    r = reference_lowering_result
+    assert r["vmap_in_shard_map"]["shared"] < TOL and r["vmap_in_shard_map"]["per_element"] < TOL
+    for name in ("sample_depthwise", "deform_sample_depthwise", "sample_conv"):
+        assert r["hvp"][f"{name}_norm"] > 1.0, r["hvp"]
+        assert r["hvp"][f"{name}_shard_map"] < TOL and r["hvp"][f"{name}_jit"] < TOL, r["hvp"]
 
 
 def test_vmap_inside_shard_map_matches_one_device(ops_result):
