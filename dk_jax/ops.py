@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from dk_jax import _checks, reference
 from dk_jax import primitives as prims
+from dk_jax._sharding import batch_spec
 
 IntOrPair = int | tuple[int, int]
 
@@ -345,12 +346,6 @@ def _conv_groups(x, kernel, feature_group_count):
     return groups
 
 
-def _batch_spec(a):
-    """The mesh axes a's leading (batch) axis is split over on an Explicit mesh, else None."""
-    spec = jax.typeof(a).sharding.spec
-    return spec[0] if len(spec) else None
-
-
 def _cols_matmul(cols, kernel, groups):
     """y[n,i,j,f] = sum over the scope and the group's channels of cols * kernel.
 
@@ -361,7 +356,7 @@ def _cols_matmul(cols, kernel, groups):
     are split the same way (without it JAX cannot infer the merged axis' sharding)."""
     n, ho, wo, sh, sw, c = cols.shape
     f, m, s = kernel.shape[-1], n * ho * wo, sh * sw
-    batch = _batch_spec(cols)
+    batch = batch_spec(cols)
 
     def sharded(*spec):
         return None if batch is None else P(*spec)

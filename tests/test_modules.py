@@ -656,3 +656,21 @@ def test_bad_configuration_raises_at_init(rng, module, message):
 def test_rank_is_checked(rng):
     with pytest.raises(ValueError, match=r"rank 4 \(N, H, W, C\), got shape \(8, 7, 4\)"):
         jax.eval_shape(LocalDeformKernel2d(4, 3).init, KEY, normal(rng, (8, 7, 4)))
+
+
+# --- empty inputs ---------------------------------------------------------------------------
+
+
+def test_global_deformable_kernel_on_an_empty_batch_is_empty():
+    model = GlobalDeformKernel2d(features=3, scope_size=4, kernel_size=3, padding=1)
+    x = jnp.ones((2, 6, 5, 4), jnp.float32)
+    params = model.init(jax.random.key(0), x)
+    assert model.apply(params, x[:0]).shape == (0, 6, 5, 3)
+    grads = jax.grad(lambda p: model.apply(p, x[:0]).sum())(params)
+    assert all(float(jnp.abs(g).max(initial=0.0)) == 0.0 for g in jax.tree.leaves(grads))
+
+
+def test_condconv_without_input_channels_names_them():
+    model = dk_jax.CondConv2d(features=4, kernel_size=3, num_experts=2)
+    with pytest.raises(ValueError, match=r"CondConv2d.*input channels.*C=0"):
+        model.init(jax.random.key(0), jnp.ones((1, 5, 5, 0), jnp.float32))

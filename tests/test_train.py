@@ -152,7 +152,7 @@ def test_overrides_are_parsed_and_type_checked():
     assert config.model.conv == "dcn"
     assert config.model.adaptive_stages == (1, 2)
     assert config.model.implementation == "xla"
-    with pytest.raises(ConfigError, match="optim.batch_size.*expects a int"):
+    with pytest.raises(ConfigError, match="optim.batch_size.*expects an int "):
         apply_overrides(config, ["optim.batch_size=big"])
 
 

@@ -133,8 +133,10 @@ def _coerce(dotted: str, old: Any, value: Any) -> Any:
             return value
     else:
         return value
+    kind = type(old).__name__
+    article = "an" if kind[0] in "aeiou" else "a"
     raise ConfigError(
-        f"config key {dotted!r} expects a {type(old).__name__} (default {old!r}), got {value!r}"
+        f"config key {dotted!r} expects {article} {kind} (default {old!r}), got {value!r}"
     )
 
 

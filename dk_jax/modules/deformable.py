@@ -14,6 +14,7 @@ from flax.typing import Array
 from jax.sharding import PartitionSpec as P
 
 from dk_jax import ops
+from dk_jax._sharding import batch_spec
 from dk_jax.modules import _maths as m
 from dk_jax.modules._fields import (
     Clip,
@@ -74,7 +75,7 @@ class GlobalDeformKernel2dBody(OpsFields, PrecisionFields):
         x, kernel, bias = promote_dtype(x, params["kernel"], params.get("bias"), dtype=self.dtype)
         shift = m.pooled_dense(self, params["fc"], x)
         grid = m.kernel_grid(geo.kernel, (sh, sw)).astype(shift.dtype)
-        coords = shift.reshape(-1, kh, kw, 2) + grid
+        coords = shift.reshape(shift.shape[0], kh, kw, 2) + grid
         coords = jnp.clip(coords, 0, np.array([sh - 1, sw - 1], shift.dtype))
         sow("coords", coords)
 
@@ -82,8 +83,8 @@ class GlobalDeformKernel2dBody(OpsFields, PrecisionFields):
         # points, so that a batch split over devices stays split.
         sampled = jax.vmap(
             partial(ops.nd_linear_sample, implementation=self.implementation), in_axes=(None, 0)
-        )(kernel.reshape(sh, sw, -1), coords.reshape(coords.shape[0], -1, 2))
-        batch = ops._batch_spec(sampled)  # named: JAX cannot infer it on an Explicit mesh
+        )(kernel.reshape(sh, sw, -1), coords.reshape(coords.shape[0], kh * kw, 2))
+        batch = batch_spec(sampled)  # named: JAX cannot infer it on an Explicit mesh
         kernels = sampled.reshape(
             sampled.shape[0],
             kh,

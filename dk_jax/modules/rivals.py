@@ -89,6 +89,11 @@ class CondConv2dBody(PrecisionFields):
     def param_specs(self, channels: int, source: str) -> dict:
         kernel, _, _ = m.taps(self)
         groups = m.check_grouped(self, channels, source)
+        if channels == 0:  # the expert kernels' fan-in would be zero
+            raise ValueError(
+                f"{m.layer_name(self)} needs input channels ({source}, C=0): its routing pools "
+                "them and its expert kernels are initialised by their fan-in"
+            )
         experts = _checks.positive_int(self.num_experts, "num_experts")
         shape = (experts, *kernel, channels // groups, self.features)
         specs = m.kernel_and_bias(self, shape, self.kernel_init, self.features)
