@@ -19,16 +19,20 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PRIMITIVES = "dk_jax/primitives.py"
+MODES = "dk_jax/_modes.py"
+RULES = "dk_jax/_rules.py"
+LOWERING = "dk_jax/_lowering.py"
 CPU = "xla_ffi/dk_cpu_loops.h"
 DISPATCH = "xla_ffi/dk_cpu.cc"
 MATH = "xla_ffi/dk_math.h"
@@ -37,9 +41,16 @@ CUDA_V2 = "xla_ffi/dk_cuda_v2.cuh"
 
 @dataclass(frozen=True)
 class Mutant:
+    """A bug: in `file`, inside the function `where`, the statement(s) `old` become `new`.
+
+    Found by pattern, not by line: `old` is matched ignoring whitespace (a reformatted or moved
+    function keeps its mutants), and must occur exactly once in that function. The lines of
+    `new` after its first are indented like the line where `old` starts."""
+
     id: str
     bug: str
     file: str
+    where: str
     old: str
     new: str
     tests: tuple[str, ...]
@@ -49,63 +60,118 @@ class Mutant:
         # CUDA sources are not part of the CPU library (their host check compiles them itself).
         return self.file.startswith("xla_ffi/") and not self.file.endswith((".cu", ".cuh"))
 
+    def span(self, text: str) -> tuple[int, int]:
+        """Where the function `where` is defined in text: a Python def up to the next line at
+        its indentation or less, or a C++ function (or method) from its name to its closing
+        brace."""
+        if self.file.endswith(".py"):
+            m = re.search(rf"^( *)def {re.escape(self.where)}\(", text, re.M)
+            if m is None:
+                raise LookupError(f"no function {self.where} in {self.file}")
+            after = re.compile(rf"^ {{0,{len(m.group(1))}}}\S", re.M)
+            body = after.search(text, text.index("\n", text.index(":\n", m.end())) + 1)
+            return m.start(), body.start() if body else len(text)
+        # C++: the name followed by its parameter list and a body (not a call: a call is
+        # followed by ";" or an operator before any "{").
+        for m in re.finditer(rf"\b{re.escape(self.where)}\s*(<[^;{{}}()]*>)?\s*\(", text):
+            depth, i = 0, m.end() - 1
+            while True:  # to the end of the parameter list
+                depth += {"(": 1, ")": -1}.get(text[i], 0)
+                i += 1
+                if depth == 0:
+                    break
+            head = re.match(r"[^;{]*\{", text[i:])
+            if head is None:
+                continue
+            depth, j = 0, i + head.end() - 1
+            while True:
+                depth += {"{": 1, "}": -1}.get(text[j], 0)
+                j += 1
+                if depth == 0:
+                    return m.start(), j
+        raise LookupError(f"no function {self.where} in {self.file}")
+
+    def apply(self, text: str) -> str:
+        """text with the bug planted; LookupError where it does not apply exactly once."""
+        start, end = self.span(text)
+        positions = [i for i in range(start, end) if not text[i].isspace()]
+        squeezed = "".join(text[i] for i in positions)
+        pattern = "".join(self.old.split())
+        found = squeezed.find(pattern)
+        if found < 0 or squeezed.find(pattern, found + 1) >= 0:
+            count = squeezed.count(pattern)
+            raise LookupError(f"{self.id}: its statement occurs {count} times in {self.where}")
+        first, last = positions[found], positions[found + len(pattern) - 1] + 1
+        line_start = text.rfind("\n", 0, first) + 1
+        indent = text[line_start:first] if not text[line_start:first].strip() else ""
+        new = textwrap.dedent(self.new).strip("\n").replace("\n", "\n" + indent)
+        return text[:first] + new + text[last:]
+
 
 MUTANTS = [
     Mutant(
         "lowering-stride-dilation",
         "stride and dilation swapped in the lowering of every mode but the forward",
-        PRIMITIVES,
-        '    n = ctx.avals_in[_roles(family, mode, deformable).index("rotation")].shape[0]\n',
-        '    n = ctx.avals_in[_roles(family, mode, deformable).index("rotation")].shape[0]\n'
-        '    if mode != "forward":\n'
-        "        geometry = (*geometry[:2], *geometry[6:8], *geometry[4:6], *geometry[2:4],"
-        " *geometry[8:])\n",
+        LOWERING,
+        "_kernel_lowering",
+        'attributes["geometry"] = np.asarray(params["geometry"], dtype=np.int64)',
+        'g = params["geometry"]\n'
+        'if mode != "forward":\n'
+        "    g = (*g[:2], *g[6:8], *g[4:6], *g[2:4], *g[8:])\n"
+        'attributes["geometry"] = np.asarray(g, dtype=np.int64)',
         ("tests/test_grads.py::test_depthwise_derivatives_match_reference",),
     ),
     Mutant(
         "jvp-drops-a-term",
         "the JVP sums the tangent terms of all arguments but the last",
-        PRIMITIVES,
-        "    for t in terms[1:]:\n",
-        "    for t in terms[1:-1]:\n",
+        RULES,
+        "_sum_tangents",
+        "for t in terms[1:]:",
+        "for t in terms[1:-1]:",
         ("tests/test_ops.py::test_gradients_match_reference",),
     ),
     Mutant(
         "transpose-wrong-primitive",
         "the transpose of grad_offset in its cotangent points at jvp_rotation",
-        PRIMITIVES,
-        '("grad_offset", "cot"): ("jvp_offset", "tangent", None),\n        # <cot, jvp_rotation',
-        '("grad_offset", "cot"): ("jvp_rotation", "tangent", None),\n        # <cot, jvp_rotation',
+        MODES,
+        "transpose",
+        "target = self.mode_of(m.form, slot)",
+        'form = "jvp_rotation" if (mode, role) == ("grad_offset", "cot") else m.form\n'
+        "target = self.mode_of(form, slot)",
         ("tests/test_grads.py::test_transposed_vjp_is_the_jvp",),
     ),
     Mutant(
         "batch-interleave",
         "the batching rule unfolds (B*N, ...) as (N, B, ...)",
-        PRIMITIVES,
-        "    out = out.reshape(size, -1, *out.shape[1:])\n",
-        "    out = out.reshape(-1, size, *out.shape[1:]).swapaxes(0, 1)\n",
+        RULES,
+        "_batch",
+        "out = out.reshape(size, n, *out.shape[1:])",
+        "out = out.reshape(n, size, *out.shape[1:]).swapaxes(0, 1)",
         ("tests/test_grads.py::test_per_example_gradients_with_shared_and_batched_weight",),
     ),
     Mutant(
         "batch-weight-first-sample",
         "a shared weight's per-example gradient keeps the first sample instead of the sum",
-        PRIMITIVES,
-        "        out = out.sum(axis=1, keepdims=True)\n",
-        "        out = out[:, :1]\n",
+        RULES,
+        "_batch",
+        "out = out.sum(axis=1, keepdims=True)",
+        "out = out[:, :1]",
         ("tests/test_grads.py::test_per_example_gradients_with_shared_and_batched_weight",),
     ),
     Mutant(
         "nd-jvp-sign",
         "the JVP of nd_linear_sample in coord has the wrong sign",
-        PRIMITIVES,
-        'terms.append(nd_bind("jvp_coord", **named, tangent=t))',
-        'terms.append(nd_bind("jvp_coord", **named, tangent=-t))',
+        RULES,
+        "_position_jvp",
+        'ops["tangent"] = s',
+        'ops["tangent"] = -s if family.name == "nd" else s',
         ("tests/test_grads.py::test_nd_derivatives_match_reference",),
     ),
     Mutant(
         "grad-image-stride",
         "the image gradient reads the next output row when the stride is not 1",
         CPU,
+        "dk_row",
         "        const int64_t tap = a * p.Kw + b;\n"
         "        const auto img = image_footprint<kDeform>(p, off, i, j, a, b);\n",
         "        const int64_t tap = a * p.Kw + b;\n"
@@ -117,6 +183,7 @@ MUTANTS = [
         "grad-rotation-one-group",
         "with one rotation group the column derivative of the rotation is the row one",
         CPU,
+        "dk_row",
         "            o[1] = narrow<T>(sv);\n",
         "            o[1] = narrow<T>(kOneGroup ? su : sv);\n",
         ("tests/test_grads.py::test_depthwise_derivatives_match_reference",),
@@ -125,6 +192,7 @@ MUTANTS = [
         "grad-weight-per-sample",
         "per-sample weight gradients (a batched weight under vmap) skip each sample's last row",
         CPU,
+        "dk_run",
         "std::pair<int64_t, int64_t>{chunk * p.Ho, (chunk + 1) * p.Ho}",
         "std::pair<int64_t, int64_t>{chunk * p.Ho, (chunk + 1) * p.Ho - 1}",
         ("tests/test_grads.py::test_per_example_gradients_with_shared_and_batched_weight",),
@@ -133,6 +201,7 @@ MUTANTS = [
         "forward-low-accumulation",
         "the bfloat16/float16 forward accumulates in the input precision",
         CPU,
+        "forward_block",
         "      acc[v] += tap_product(image, kernel);\n",
         "      T low[kLanes<F>];\n"
         "      store_vec(low, acc[v]);\n"
@@ -143,6 +212,7 @@ MUTANTS = [
         "grad-rotation-low-accumulation",
         "the rotation gradient sums channels in the input precision",
         CPU,
+        "dk_row",
         "                vu += d * blend_vec<4>(kf.dwdu, wr, c);\n"
         "                vv += d * blend_vec<4>(kf.dwdv, wr, c);\n",
         "                T low[kLanes<F>];\n"
@@ -156,6 +226,7 @@ MUTANTS = [
         "nd-grad-coord-high-dims",
         "the coordinate gradient of nd_linear_sample differentiates along axis 0 beyond 3 dims",
         CPU,
+        "nd_run",
         "            const F w = nd_corner_weight(f, k, int(e));\n",
         "            const F w = nd_corner_weight(f, k, e < 3 ? int(e) : 0);\n",
         ("tests/test_grads.py::test_nd_derivatives_match_reference",),
@@ -164,6 +235,7 @@ MUTANTS = [
         "cols-jvp-rotation",
         "the columns JVP in rotation uses the row tangent for both axes",
         CPU,
+        "dk_row",
         "widen(tan[r]), widen(tan[r + 1]));\n            }\n#pragma GCC ivdep",
         "widen(tan[r]), widen(tan[r]));\n            }\n#pragma GCC ivdep",
         ("tests/test_grads.py::test_columns_derivatives_match_reference",),
@@ -172,6 +244,7 @@ MUTANTS = [
         "dispatch-ignores-cpu",
         "auto picks the best build the library has, whether or not the CPU can run it",
         DISPATCH,
+        "resolve_cpu_isa",
         "      if (has(supported, isa)) return isa;\n",
         "      return isa;\n",
         ("tests/test_build.py::test_dispatch_rule_never_picks_an_unsupported_build",),
@@ -180,6 +253,7 @@ MUTANTS = [
         "nan-position-scatters",
         "a NaN position's gradient is scattered into element 0 of the plane it reads",
         MATH,
+        "scatters_to",
         "  return f.index[k] >= 0 && !f.nan;\n",
         "  return f.index[k] >= 0;\n",
         ("tests/test_ops.py::test_nan_positions_read_and_write_nothing",),
@@ -188,6 +262,7 @@ MUTANTS = [
         "v2-vector-one-group",
         "the v2 kernels give a lane's vector of channels the rotation group of its first channel",
         CUDA_V2,
+        "group_bases",
         "group_base[v] = ((c + v) % G) * taps;",
         "group_base[v] = (c % G) * taps;",
         ("tests/test_cuda_host.py",),
@@ -197,6 +272,7 @@ MUTANTS = [
         "the v2 image-gradient gather takes every output whose tap lands near a pixel, ignoring"
         " the stride",
         CUDA_V2,
+        "output_position",
         "return (i < out_size && image_position(i, a, stride, pad, dil) == h) ? i : -1;",
         "return i < out_size ? i : -1;",
         ("tests/test_cuda_host.py",),
@@ -205,6 +281,7 @@ MUTANTS = [
         "v2-scatter-corner-weight",
         "the v2 DK+DCN image gradient gives every bilinear corner the full tap value",
         CUDA_V2,
+        "grad_image_scatter_kernel",
         "scatter_add<V>(gx_n + im.off[k] + c, im.w[k], d);",
         "scatter_add<V>(gx_n + im.off[k] + c, 1.f, d);",
         ("tests/test_cuda_host.py",),
@@ -274,9 +351,8 @@ def first_failure(output: str) -> str:
 def table(rows) -> str:
     lines = ["| mutant | where | planted bug | caught by | s |", "|---|---|---|---|---|"]
     for m, caught, seconds in rows:
-        lines.append(
-            f"| `{m.id}` | `{m.file}` | {m.bug} | {caught or '**not caught**'} | {seconds} |"
-        )
+        where = f"`{m.file}`, `{m.where}`"
+        lines.append(f"| `{m.id}` | {where} | {m.bug} | {caught or '**not caught**'} | {seconds} |")
     return "\n".join(lines)
 
 
@@ -294,10 +370,10 @@ def main(argv=None) -> int:
         src = Path(tmp)
         scratch_copy(src)
         for m in mutants:
-            text = (src / m.file).read_text()
-            if text.count(m.old) != 1:
-                times = text.count(m.old)
-                print(f"mutant {m.id} no longer applies: its text occurs {times} times in {m.file}")
+            try:
+                m.apply((src / m.file).read_text())
+            except LookupError as e:
+                print(f"mutant {m.id} no longer applies: {e}")
                 return 2
         tests = sorted({t for m in mutants for t in m.tests})
         baseline = pytest_in(src, tests)
@@ -313,7 +389,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             path = src / m.file
             original = path.read_text()
-            path.write_text(original.replace(m.old, m.new))
+            path.write_text(m.apply(original))
             try:
                 if m.native:
                     build_cpu_library(src)
