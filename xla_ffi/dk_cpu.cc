@@ -179,7 +179,7 @@ namespace ffi = xla::ffi;
 
 DK_TARGETS(DK_DECLARE_CPU)
 
-#define DK_CPU_HANDLER(name, mode, deform)                                                \
+#define DK_CPU_HANDLER_dk(name, mode, deform)                                             \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name##_cpu,                                               \
                                 (dk::dk_handler<dk::Mode::mode, deform,                   \
                                                 &dk::CpuKernels::name>),                  \
@@ -188,10 +188,9 @@ DK_TARGETS(DK_DECLARE_CPU)
                                     .RemainingArgs()                                      \
                                     .Ret<ffi::AnyBuffer>()                                \
                                     .Attr<ffi::Span<const int64_t>>("geometry"));
-DK_CPU_DK_KERNELS(DK_CPU_HANDLER)
-
-#define DK_ND_CPU_HANDLER(name, mode)                                                          \
+#define DK_CPU_HANDLER_nd(name, mode, deform)                                                  \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                               \
       name##_cpu, (dk::nd_handler<dk::NdMode::mode, &dk::CpuKernels::name>),                   \
       ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().RemainingArgs().Ret<ffi::AnyBuffer>());
-DK_CPU_ND_KERNELS(DK_ND_CPU_HANDLER)
+#define DK_CPU_HANDLER(name, family, mode, deform) DK_CPU_HANDLER_##family(name, mode, deform)
+DK_TARGETS(DK_CPU_HANDLER)

@@ -20,62 +20,11 @@
 #include <vector>
 
 #include "dk_common.h"
+#include "dk_targets.h"
 
 namespace dk {
 
-// Every depthwise-family CPU kernel: X(name, mode, deformable). The name is its target's.
-#define DK_CPU_DK_KERNELS(X)                                                          \
-  X(dk_sample_forward, kForward, false)                                               \
-  X(dk_sample_grad_image, kGradImage, false)                                          \
-  X(dk_sample_grad_weight, kGradWeight, false)                                        \
-  X(dk_sample_jvp_rotation, kJvpRotation, false)                                      \
-  X(dk_sample_grad_rotation, kGradRotation, false)                                    \
-  X(dk_deform_forward, kForward, true)                                                \
-  X(dk_deform_grad_image, kGradImage, true)                                           \
-  X(dk_deform_grad_weight, kGradWeight, true)                                         \
-  X(dk_deform_jvp_rotation, kJvpRotation, true)                                       \
-  X(dk_deform_grad_rotation, kGradRotation, true)                                     \
-  X(dk_deform_jvp_offset, kJvpOffset, true)                                           \
-  X(dk_deform_grad_offset, kGradOffset, true)                                         \
-  X(dk_sample_jvp_rotation_grad_image, kJvpRotationGradImage, false)                  \
-  X(dk_sample_jvp_rotation_grad_weight, kJvpRotationGradWeight, false)                \
-  X(dk_sample_hvp_rotation, kHvpRotation, false)                                      \
-  X(dk_sample_hvp_rotation_grad_image, kHvpRotationGradImage, false)                  \
-  X(dk_sample_hvp_rotation_grad_weight, kHvpRotationGradWeight, false)                \
-  X(dk_sample_grad_cross_rotation, kGradCrossRotation, false)                         \
-  X(dk_deform_jvp_rotation_grad_image, kJvpRotationGradImage, true)                   \
-  X(dk_deform_jvp_rotation_grad_weight, kJvpRotationGradWeight, true)                 \
-  X(dk_deform_hvp_rotation, kHvpRotation, true)                                       \
-  X(dk_deform_hvp_rotation_grad_image, kHvpRotationGradImage, true)                   \
-  X(dk_deform_hvp_rotation_grad_weight, kHvpRotationGradWeight, true)                 \
-  X(dk_deform_grad_cross_rotation, kGradCrossRotation, true)                          \
-  X(dk_sample_cols_forward, kCols, false)                                             \
-  X(dk_sample_cols_grad_image, kColsGradImage, false)                                 \
-  X(dk_sample_cols_jvp_rotation, kColsJvpRotation, false)                             \
-  X(dk_sample_cols_grad_rotation, kColsGradRotation, false)                           \
-  X(dk_deform_cols_forward, kCols, true)                                              \
-  X(dk_deform_cols_grad_image, kColsGradImage, true)                                  \
-  X(dk_deform_cols_jvp_rotation, kColsJvpRotation, true)                              \
-  X(dk_deform_cols_grad_rotation, kColsGradRotation, true)                            \
-  X(dk_deform_cols_jvp_offset, kColsJvpOffset, true)                                  \
-  X(dk_deform_cols_grad_offset, kColsGradOffset, true)                                \
-  X(dk_sample_cols_jvp_rotation_grad_image, kColsJvpRotationGradImage, false)         \
-  X(dk_sample_cols_hvp_rotation, kColsHvpRotation, false)                             \
-  X(dk_sample_cols_hvp_rotation_grad_image, kColsHvpRotationGradImage, false)         \
-  X(dk_sample_cols_grad_cross_rotation, kColsGradCrossRotation, false)                \
-  X(dk_deform_cols_jvp_rotation_grad_image, kColsJvpRotationGradImage, true)          \
-  X(dk_deform_cols_hvp_rotation, kColsHvpRotation, true)                              \
-  X(dk_deform_cols_hvp_rotation_grad_image, kColsHvpRotationGradImage, true)          \
-  X(dk_deform_cols_grad_cross_rotation, kColsGradCrossRotation, true)
-
 enum class NdMode { kForward, kGradData, kJvpCoord, kGradCoord };
-
-// Every nd_linear_sample CPU kernel: X(name, mode).
-#define DK_CPU_ND_KERNELS(X)          \
-  X(dk_nd_forward, kForward)          \
-  X(dk_nd_grad_data, kGradData)       \
-  X(dk_nd_jvp_coord, kJvpCoord)       \
-  X(dk_nd_grad_coord, kGradCoord)
 
 // The buffers of one nd_linear_sample call, in the roles the loops read them: `lhs` is the data
 // (forward, JVP, grad coord) or the output cotangent (grad data); `tangent` the coordinate
@@ -95,12 +44,11 @@ using NdKernel = ffi::Error (*)(ffi::ThreadPool*, const NdCall&);
 // The entry points of one instruction set's build of the loops.
 struct CpuKernels {
   const char* isa;
-#define DK_KERNEL_FIELD(name, mode, deform) DkKernel name;
-  DK_CPU_DK_KERNELS(DK_KERNEL_FIELD)
+#define DK_KERNEL_FIELD_dk(name) DkKernel name;
+#define DK_KERNEL_FIELD_nd(name) NdKernel name;
+#define DK_KERNEL_FIELD(name, family, mode, deform) DK_KERNEL_FIELD_##family(name)
+  DK_TARGETS(DK_KERNEL_FIELD)
 #undef DK_KERNEL_FIELD
-#define DK_ND_KERNEL_FIELD(name, mode) NdKernel name;
-  DK_CPU_ND_KERNELS(DK_ND_KERNEL_FIELD)
-#undef DK_ND_KERNEL_FIELD
 };
 
 // One table per build; the x86-64 tables of AVX2 and AVX-512 exist only on x86-64.

@@ -652,9 +652,8 @@ ffi::Error nd_kernel(ffi::ThreadPool* pool, const NdCall& call) {
 }
 
 // This build's table of entry points (data only: no code of the instruction set runs to read it).
-#define DK_KERNEL_ENTRY(name, mode, deform) &dk_kernel<Mode::mode, deform>,
-#define DK_ND_KERNEL_ENTRY(name, mode) &nd_kernel<NdMode::mode>,
-constexpr CpuKernels kKernels = {
-    DK_CPU_ISA_NAME, DK_CPU_DK_KERNELS(DK_KERNEL_ENTRY) DK_CPU_ND_KERNELS(DK_ND_KERNEL_ENTRY)};
+#define DK_KERNEL_ENTRY_dk(mode, deform) &dk_kernel<Mode::mode, deform>,
+#define DK_KERNEL_ENTRY_nd(mode, deform) &nd_kernel<NdMode::mode>,
+#define DK_KERNEL_ENTRY(name, family, mode, deform) DK_KERNEL_ENTRY_##family(mode, deform)
+constexpr CpuKernels kKernels = {DK_CPU_ISA_NAME, DK_TARGETS(DK_KERNEL_ENTRY)};
 #undef DK_KERNEL_ENTRY
-#undef DK_ND_KERNEL_ENTRY

@@ -633,67 +633,20 @@ namespace ffi = xla::ffi;
 
 DK_TARGETS(DK_DECLARE_CUDA)
 
-#define DK_CUDA_HANDLER(name, mode, deform)                                            \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (dk::dk_cuda_handler<dk::Mode::mode, deform>),  \
+#define DK_CUDA_HANDLER_dk(name, mode, deform)                                          \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name##_cuda, (dk::dk_cuda_handler<dk::Mode::mode, deform>), \
                                 ffi::Ffi::Bind()                                      \
                                     .Ctx<ffi::PlatformStream<cudaStream_t>>()         \
                                     .Ctx<ffi::ScratchAllocator>()                     \
                                     .RemainingArgs()                                  \
                                     .Ret<ffi::AnyBuffer>()                            \
                                     .Attr<ffi::Span<const int64_t>>("geometry"));
-
-DK_CUDA_HANDLER(dk_sample_forward_cuda, kForward, false)
-DK_CUDA_HANDLER(dk_sample_grad_image_cuda, kGradImage, false)
-DK_CUDA_HANDLER(dk_sample_grad_weight_cuda, kGradWeight, false)
-DK_CUDA_HANDLER(dk_sample_jvp_rotation_cuda, kJvpRotation, false)
-DK_CUDA_HANDLER(dk_sample_grad_rotation_cuda, kGradRotation, false)
-DK_CUDA_HANDLER(dk_deform_forward_cuda, kForward, true)
-DK_CUDA_HANDLER(dk_deform_grad_image_cuda, kGradImage, true)
-DK_CUDA_HANDLER(dk_deform_grad_weight_cuda, kGradWeight, true)
-DK_CUDA_HANDLER(dk_deform_jvp_rotation_cuda, kJvpRotation, true)
-DK_CUDA_HANDLER(dk_deform_grad_rotation_cuda, kGradRotation, true)
-DK_CUDA_HANDLER(dk_deform_jvp_offset_cuda, kJvpOffset, true)
-DK_CUDA_HANDLER(dk_deform_grad_offset_cuda, kGradOffset, true)
-DK_CUDA_HANDLER(dk_sample_jvp_rotation_grad_image_cuda, kJvpRotationGradImage, false)
-DK_CUDA_HANDLER(dk_sample_jvp_rotation_grad_weight_cuda, kJvpRotationGradWeight, false)
-DK_CUDA_HANDLER(dk_sample_hvp_rotation_cuda, kHvpRotation, false)
-DK_CUDA_HANDLER(dk_sample_hvp_rotation_grad_image_cuda, kHvpRotationGradImage, false)
-DK_CUDA_HANDLER(dk_sample_hvp_rotation_grad_weight_cuda, kHvpRotationGradWeight, false)
-DK_CUDA_HANDLER(dk_sample_grad_cross_rotation_cuda, kGradCrossRotation, false)
-DK_CUDA_HANDLER(dk_deform_jvp_rotation_grad_image_cuda, kJvpRotationGradImage, true)
-DK_CUDA_HANDLER(dk_deform_jvp_rotation_grad_weight_cuda, kJvpRotationGradWeight, true)
-DK_CUDA_HANDLER(dk_deform_hvp_rotation_cuda, kHvpRotation, true)
-DK_CUDA_HANDLER(dk_deform_hvp_rotation_grad_image_cuda, kHvpRotationGradImage, true)
-DK_CUDA_HANDLER(dk_deform_hvp_rotation_grad_weight_cuda, kHvpRotationGradWeight, true)
-DK_CUDA_HANDLER(dk_deform_grad_cross_rotation_cuda, kGradCrossRotation, true)
-DK_CUDA_HANDLER(dk_sample_cols_forward_cuda, kCols, false)
-DK_CUDA_HANDLER(dk_sample_cols_grad_image_cuda, kColsGradImage, false)
-DK_CUDA_HANDLER(dk_sample_cols_jvp_rotation_cuda, kColsJvpRotation, false)
-DK_CUDA_HANDLER(dk_sample_cols_grad_rotation_cuda, kColsGradRotation, false)
-DK_CUDA_HANDLER(dk_deform_cols_forward_cuda, kCols, true)
-DK_CUDA_HANDLER(dk_deform_cols_grad_image_cuda, kColsGradImage, true)
-DK_CUDA_HANDLER(dk_deform_cols_jvp_rotation_cuda, kColsJvpRotation, true)
-DK_CUDA_HANDLER(dk_deform_cols_grad_rotation_cuda, kColsGradRotation, true)
-DK_CUDA_HANDLER(dk_deform_cols_jvp_offset_cuda, kColsJvpOffset, true)
-DK_CUDA_HANDLER(dk_deform_cols_grad_offset_cuda, kColsGradOffset, true)
-DK_CUDA_HANDLER(dk_sample_cols_jvp_rotation_grad_image_cuda, kColsJvpRotationGradImage, false)
-DK_CUDA_HANDLER(dk_sample_cols_hvp_rotation_cuda, kColsHvpRotation, false)
-DK_CUDA_HANDLER(dk_sample_cols_hvp_rotation_grad_image_cuda, kColsHvpRotationGradImage, false)
-DK_CUDA_HANDLER(dk_sample_cols_grad_cross_rotation_cuda, kColsGradCrossRotation, false)
-DK_CUDA_HANDLER(dk_deform_cols_jvp_rotation_grad_image_cuda, kColsJvpRotationGradImage, true)
-DK_CUDA_HANDLER(dk_deform_cols_hvp_rotation_cuda, kColsHvpRotation, true)
-DK_CUDA_HANDLER(dk_deform_cols_hvp_rotation_grad_image_cuda, kColsHvpRotationGradImage, true)
-DK_CUDA_HANDLER(dk_deform_cols_grad_cross_rotation_cuda, kColsGradCrossRotation, true)
-
-#define DK_ND_CUDA_HANDLER(name, mode)                                       \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (dk::nd_cuda_handler<dk::NdMode::mode>), \
-                                ffi::Ffi::Bind()                            \
-                                    .Ctx<ffi::PlatformStream<cudaStream_t>>() \
-                                    .Ctx<ffi::ScratchAllocator>()           \
-                                    .RemainingArgs()                        \
+#define DK_CUDA_HANDLER_nd(name, mode, deform)                                          \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name##_cuda, (dk::nd_cuda_handler<dk::NdMode::mode>), \
+                                ffi::Ffi::Bind()                                      \
+                                    .Ctx<ffi::PlatformStream<cudaStream_t>>()         \
+                                    .Ctx<ffi::ScratchAllocator>()                     \
+                                    .RemainingArgs()                                  \
                                     .Ret<ffi::AnyBuffer>());
-
-DK_ND_CUDA_HANDLER(dk_nd_forward_cuda, kForward)
-DK_ND_CUDA_HANDLER(dk_nd_grad_data_cuda, kGradData)
-DK_ND_CUDA_HANDLER(dk_nd_jvp_coord_cuda, kJvpCoord)
-DK_ND_CUDA_HANDLER(dk_nd_grad_coord_cuda, kGradCoord)
+#define DK_CUDA_HANDLER(name, family, mode, deform) DK_CUDA_HANDLER_##family(name, mode, deform)
+DK_TARGETS(DK_CUDA_HANDLER)

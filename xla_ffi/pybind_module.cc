@@ -33,7 +33,7 @@ PYBIND11_MODULE(DK_MODULE, m) {
   m.def("target_suffix", []() { return std::string(DK_TARGET_SUFFIX); });
   m.def("registrations", []() {
     py::dict d;
-#define DK_ENTRY(name)                                                            \
+#define DK_ENTRY(name, ...)                                                       \
   d[#name DK_TARGET_SUFFIX] =                                                     \
       py::capsule(reinterpret_cast<void*>(&DK_SUFFIX(name)), "xla._CUSTOM_CALL_TARGET");
     DK_TARGETS(DK_ENTRY)
