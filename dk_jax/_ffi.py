@@ -76,7 +76,7 @@ def _register(platform: str) -> bool:
 
 
 def target_suffix() -> str:
-    """The version suffix of every custom-call target name, e.g. "_v1"."""
+    """The version suffix of every custom-call target name, e.g. "_v2"."""
     if not _suffix:
         lowering_platforms()
     if not _suffix:

@@ -105,8 +105,8 @@ def _batch_partitioned_call(ctx, target: str, args, n: int, *, shares: bool, **a
 def _kernel_lowering(family: Family, mode: str, ctx, *args, **params):
     n = ctx.avals_in[family.roles(mode, params.get("deformable", True)).index(family.batch)]
     attributes = {}
-    if "geometry" in params:
-        attributes["geometry"] = np.asarray(params["geometry"], dtype=np.int64)
+    if "geometry" in params:  # one int64 attribute per field (dk::Geometry)
+        attributes = {k: np.int64(v) for k, v in params["geometry"]._asdict().items()}
     return _batch_partitioned_call(
         ctx,
         family.target(mode, params.get("deformable", False)) + _ffi.target_suffix(),

@@ -24,6 +24,36 @@ form is one `Form`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+
+class Geometry(NamedTuple):
+    """The static geometry of a depthwise or columns call, filled in one place
+    (`ops._geometry`) and passed to the custom call as one named attribute per field (read by
+    `dk::Geometry` in xla_ffi/dk_common.h). The scope is the columns' (0 for the depthwise ops,
+    whose weight has it)."""
+
+    kernel_h: int
+    kernel_w: int
+    stride_h: int
+    stride_w: int
+    pad_h: int
+    pad_w: int
+    dilation_h: int
+    dilation_w: int
+    rotation_groups: int
+    scope_h: int = 0
+    scope_w: int = 0
+
+    def kwargs(self) -> dict:
+        """As the keyword arguments of the reference ops."""
+        return dict(
+            kernel_size=(self.kernel_h, self.kernel_w),
+            stride=(self.stride_h, self.stride_w),
+            padding=(self.pad_h, self.pad_w),
+            dilation=(self.dilation_h, self.dilation_w),
+            rotation_groups=self.rotation_groups,
+        )
 
 
 @dataclass(frozen=True)

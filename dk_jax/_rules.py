@@ -3,7 +3,8 @@ binding, abstract evaluation, JVP, transpose, batching, and each mode on the jax
 reference (for the derivatives no kernel computes, and for lowering where no kernel exists).
 
 Every primitive takes its operands in its family's fixed order and static params: `kernel_only`
-(implementation="ffi"), for the depthwise and columns families `deformable` and `geometry`,
+(implementation="ffi"), for the depthwise and columns families `deformable` and `geometry` (a
+`_modes.Geometry`),
 and, where no operand has the output's shape, `image_shape`, `weight_shape` or `data_shape`.
 """
 
@@ -66,8 +67,6 @@ def _cast_to_common_varying(args):
 def bind(family: Family, mode: str, static: dict, **operands):
     """Binds `mode` with operands by role name; shape params may come among them."""
     params = dict(static, **{k: operands.pop(k) for k in list(operands) if k.endswith("_shape")})
-    if "geometry" in params:
-        params["geometry"] = tuple(params["geometry"])
     args = _cast_to_common_varying([operands[r] for r in _roles(family, mode, params)])
     return PRIMITIVES[family.name][mode].bind(*args, **params)
 
@@ -102,8 +101,8 @@ def _out_aval(family: Family, mode: str, *args, **params):
         if family is DK:
             shape = (*pos.shape[:3], a["weight"].shape[-1])
         elif family is COLS:
-            sh, sw = params["geometry"][9:11]
-            shape = (*pos.shape[:3], sh, sw, a["x"].shape[-1])
+            g = params["geometry"]
+            shape = (*pos.shape[:3], g.scope_h, g.scope_w, a["x"].shape[-1])
         else:
             shape = (*pos.shape[:2], a["data"].shape[-1])
     elif output == "cross":
@@ -130,19 +129,12 @@ def _reference_op(family: Family, named: dict, static: dict):
             return jax.vmap(reference.nd_linear_sample, in_axes=(None, 0))(data[0], coord)
         return jax.vmap(reference.nd_linear_sample)(data, coord)
     geometry, deformable = static["geometry"], static["deformable"]
-    kh, kw, sh, sw, ph, pw, dh, dw, groups = geometry[:9]
-    geo = dict(
-        kernel_size=(kh, kw),
-        stride=(sh, sw),
-        padding=(ph, pw),
-        dilation=(dh, dw),
-        rotation_groups=groups,
-    )
+    geo = geometry.kwargs()
     x, rotation = named["x"], named["rotation"]
     offsets = (named["offset"],) if deformable else ()
     if family is COLS:
         op = reference.deform_scope_im2col if deformable else reference.scope_im2col
-        return op(x, *offsets, rotation, scope_size=tuple(geometry[9:11]), **geo)
+        return op(x, *offsets, rotation, scope_size=(geometry.scope_h, geometry.scope_w), **geo)
     op = reference.deform_sample_depthwise if deformable else reference.sample_depthwise
     weight = named["weight"]
     if weight.shape[0] == 1:

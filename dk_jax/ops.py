@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from dk_jax import _checks, reference
 from dk_jax import primitives as prims
+from dk_jax._modes import Geometry
 from dk_jax._sharding import batch_spec
 
 IntOrPair = int | tuple[int, int]
@@ -135,7 +136,7 @@ def sample_depthwise(
     return prims.bind(
         "forward",
         deformable=False,
-        geometry=_flat(geo),
+        geometry=_geometry(geo),
         **_kernel_only(implementation),
         x=x,
         rotation=rotation,
@@ -181,7 +182,7 @@ def deform_sample_depthwise(
     return prims.bind(
         "forward",
         deformable=True,
-        geometry=_flat(geo),
+        geometry=_geometry(geo),
         **_kernel_only(implementation),
         x=x,
         offset=offset,
@@ -289,7 +290,7 @@ def scope_im2col(
     return prims.cols_bind(
         "forward",
         deformable=False,
-        geometry=(*_flat(geo), *scope),
+        geometry=_geometry(geo, scope),
         x=x,
         rotation=rotation,
         **_kernel_only(implementation),
@@ -320,7 +321,7 @@ def deform_scope_im2col(
     return prims.cols_bind(
         "forward",
         deformable=True,
-        geometry=(*_flat(geo), *scope),
+        geometry=_geometry(geo, scope),
         **_kernel_only(implementation),
         x=x,
         offset=offset,
@@ -479,11 +480,13 @@ def _local_conv(x, offset, rotation, kernel, feature_group_count, **geo):
     return _cols_matmul(cols, kernel, groups)
 
 
-def _flat(geo: dict) -> tuple[int, ...]:
-    return (
+def _geometry(geo: dict, scope: tuple[int, int] = (0, 0)) -> Geometry:
+    """The primitives' static geometry from checked arguments (and the columns' scope)."""
+    return Geometry(
         *geo["kernel_size"],
         *geo["stride"],
         *geo["padding"],
         *geo["dilation"],
         geo["rotation_groups"],
+        *scope,
     )

@@ -2,8 +2,9 @@
 
 Depthwise family (`sample_depthwise`, `deform_sample_depthwise`). Every primitive takes its
 operands in the fixed order (cot, x, offset, rotation, weight, tangent), each one only where it
-applies, and the static params `deformable` (whether `offset` is present), `geometry` =
-(kh, kw, sh, sw, ph, pw, dh, dw, groups) and `kernel_only` (below). `weight` is (Nw, Sh, Sw, C)
+applies, and the static params `deformable` (whether `offset` is present), `geometry` (a
+`_modes.Geometry`: kernel, stride, padding, dilation, rotation groups and, for the columns, the
+scope, each a named field) and `kernel_only` (below). `weight` is (Nw, Sh, Sw, C)
 with Nw = 1 (shared) or Nw = N (one kernel per sample); batching folds any vmapped axis into N
 that way.
 
@@ -32,7 +33,7 @@ order under JVP and transposition:
 y is linear in x and in weight, so forward transposes to grad_image / grad_weight; the JVP in
 rotation (offset) is its own primitive, linear in the tangent, transposing to grad_rotation
 (grad_offset) and back. All of them lower to custom calls (target `dk_{sample,deform}_<mode>`
-plus the version suffix, e.g. `dk_sample_forward_v1`), so first derivatives, forward and
+plus the version suffix, e.g. `dk_sample_forward_v2`), so first derivatives, forward and
 reverse, never fall back to jax.numpy.
 
 Higher derivatives. Every mode is one slot of a multilinear form (dk_jax/_modes.py), so its
@@ -52,7 +53,7 @@ Files: `_modes.py` declares the modes of the three families (depthwise, columns,
 `_lowering.py` the lowering per platform; this module is the entry point of `ops.py`.
 
 Scope-space im2col (`scope_im2col`, `deform_scope_im2col`): the same operand order without
-weight; geometry ends with the scope (Sh, Sw); columns are (N, Ho, Wo, Sh, Sw, C).
+weight; geometry holds the scope (Sh, Sw); columns are (N, Ho, Wo, Sh, Sw, C).
 
     cols forward       (x, [offset], rotation)            -> cols
     cols grad_image    (cot, [offset], rotation)          -> gx
@@ -92,7 +93,7 @@ manual over every axis, calls the depthwise targets with the shared weight as it
 from __future__ import annotations
 
 from dk_jax import _lowering, _rules
-from dk_jax._modes import COLS, DK, ND
+from dk_jax._modes import COLS, DK, ND, Geometry
 
 # The primitives by mode (their rules in dk_jax/_rules.py, their lowering in _lowering.py).
 dk_p = _rules.PRIMITIVES[DK.name]
@@ -100,16 +101,14 @@ cols_p = _rules.PRIMITIVES[COLS.name]
 nd_p = _rules.PRIMITIVES[ND.name]
 
 
-def bind(mode: str, *, deformable: bool, geometry: tuple[int, ...], kernel_only=False, **operands):
+def bind(mode: str, *, deformable: bool, geometry: Geometry, kernel_only=False, **operands):
     """Binds a depthwise-family primitive with operands given by role name."""
     static = dict(deformable=deformable, geometry=geometry, kernel_only=kernel_only)
     return _rules.bind(DK, mode, static, **operands)
 
 
-def cols_bind(
-    mode: str, *, deformable: bool, geometry: tuple[int, ...], kernel_only=False, **operands
-):
-    """Binds a columns (scope-space im2col) primitive; geometry ends with (Sh, Sw)."""
+def cols_bind(mode: str, *, deformable: bool, geometry: Geometry, kernel_only=False, **operands):
+    """Binds a columns (scope-space im2col) primitive; geometry holds the scope."""
     static = dict(deformable=deformable, geometry=geometry, kernel_only=kernel_only)
     return _rules.bind(COLS, mode, static, **operands)
 

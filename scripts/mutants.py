@@ -114,11 +114,12 @@ MUTANTS = [
         "stride and dilation swapped in the lowering of every mode but the forward",
         LOWERING,
         "_kernel_lowering",
-        'attributes["geometry"] = np.asarray(params["geometry"], dtype=np.int64)',
+        'attributes = {k: np.int64(v) for k, v in params["geometry"]._asdict().items()}',
         'g = params["geometry"]\n'
         'if mode != "forward":\n'
-        "    g = (*g[:2], *g[6:8], *g[4:6], *g[2:4], *g[8:])\n"
-        'attributes["geometry"] = np.asarray(g, dtype=np.int64)',
+        "    g = g._replace(stride_h=g.dilation_h, stride_w=g.dilation_w,\n"
+        "                   dilation_h=g.stride_h, dilation_w=g.stride_w)\n"
+        "attributes = {k: np.int64(v) for k, v in g._asdict().items()}",
         ("tests/test_grads.py::test_depthwise_derivatives_match_reference",),
     ),
     Mutant(

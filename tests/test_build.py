@@ -48,8 +48,8 @@ def test_the_python_modes_are_the_registered_targets():
 
     assert len(TARGETS) == len(set(TARGETS)) == 46
     # The names XLA sees carry the interface version (see xla_ffi/dk_targets.h).
-    assert _dk_cpu.target_suffix() == "_v1"
-    assert sorted(_dk_cpu.registrations()) == sorted(t + "_v1" for t in TARGETS)
+    assert _dk_cpu.target_suffix() == "_v2"
+    assert sorted(_dk_cpu.registrations()) == sorted(t + "_v2" for t in TARGETS)
 
 
 # --- instruction sets ------------------------------------------------------------------------

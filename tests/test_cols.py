@@ -267,7 +267,7 @@ def test_grad_of_full_conv_lowers_to_custom_calls_and_one_matmul_each_way(rng):
         "dk_sample_cols_grad_image",
         "dk_sample_cols_grad_rotation",
     ):
-        assert f"@{target}_v1(" in hlo, target
+        assert f"@{target}_v2(" in hlo, target
     for op_name in ("gather", "scatter", "convolution"):
         assert f"stablehlo.{op_name}" not in hlo, op_name
 
@@ -279,7 +279,7 @@ def test_depthwise_kernel_uses_the_direct_op(rng):
         .lower(a["x"], a["rotation"], kernel)
         .as_text()
     )
-    assert "@dk_sample_forward_v1(" in hlo and "cols" not in hlo
+    assert "@dk_sample_forward_v2(" in hlo and "cols" not in hlo
 
 
 BAD = [

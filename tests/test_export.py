@@ -90,8 +90,8 @@ def test_export_round_trip_in_a_fresh_process(rng, tmp_path):
         exported = jax.export.export(program(impl))(*args)
         targets = custom_call_targets(exported)
         if impl == "ffi":
-            assert targets and all(t.startswith("dk_") and t.endswith("_v1") for t in targets)
-            assert {"dk_deform_grad_rotation_v1", "dk_sample_cols_forward_v1"} <= targets
+            assert targets and all(t.startswith("dk_") and t.endswith("_v2") for t in targets)
+            assert {"dk_deform_grad_rotation_v2", "dk_sample_cols_forward_v2"} <= targets
         else:
             # The xla implementation is plain StableHLO: serving and TPU need no dk_jax build.
             assert targets == set()
@@ -131,9 +131,9 @@ def test_artifact_with_an_unknown_target_version_fails_clearly(rng):
     x, _, rotation, weight, _ = case(rng)
     f = jax.jit(lambda x, r, w: dk_jax.sample_depthwise(x, r, w, **GEO, implementation="ffi"))
     blob = bytes(jax.export.export(f)(x, rotation, weight).serialize())
-    assert blob.count(b"dk_sample_forward_v1") == 1
+    assert blob.count(b"dk_sample_forward_v2") == 1
     # What an artifact from a build whose interface has moved on would name.
-    old = blob.replace(b"dk_sample_forward_v1", b"dk_sample_forward_v9")
+    old = blob.replace(b"dk_sample_forward_v2", b"dk_sample_forward_v9")
     restored = jax.export.deserialize(bytearray(old))
     with pytest.raises(Exception, match="dk_sample_forward_v9"):
         np.asarray(restored.call(x, rotation, weight))
@@ -218,7 +218,7 @@ def test_layers_export_for_every_platform_with_kernels_only_where_they_exist(rng
         paths.append(str(path))
         expected[str(path)] = jax.tree.leaves(fn(*args))
     assert {
-        f"dk_{name}_v1"
+        f"dk_{name}_v2"
         for name in ("sample_forward", "deform_forward", "nd_forward", "deform_grad_offset")
     } <= kernels, kernels
     subprocess.run([sys.executable, "-c", RUN_ARTIFACTS, *paths], check=True, timeout=600)
@@ -294,3 +294,16 @@ def test_ffi_implementation_refuses_a_platform_without_a_kernel(rng):
     # On a platform with a kernel it lowers to custom calls; the default falls back on TPU.
     assert custom_call_targets(jax.export.export(f("ffi"), platforms=("cpu",))(*args))
     assert jax.export.export(f(None), platforms=("cpu", "tpu"))(*args).platforms == ("cpu", "tpu")
+
+
+def test_an_artifact_of_the_v1_interface_fails_clearly(rng):
+    """v1 targets took the geometry as one positional array; this build registers v2 only, so
+    a v1 artifact (this one, its targets renamed as v1 named them) fails naming the target."""
+    x, _, rotation, weight, _ = case(rng)
+    f = jax.jit(lambda x, r, w: dk_jax.sample_depthwise(x, r, w, **GEO, implementation="ffi"))
+    blob = bytes(jax.export.export(f)(x, rotation, weight).serialize())
+    assert blob.count(b"dk_sample_forward_v2") == 1
+    old = blob.replace(b"dk_sample_forward_v2", b"dk_sample_forward_v1")
+    restored = jax.export.deserialize(bytearray(old))
+    with pytest.raises(Exception, match="No FFI handler registered for dk_sample_forward_v1"):
+        np.asarray(restored.call(x, rotation, weight))

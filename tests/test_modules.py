@@ -196,7 +196,7 @@ def test_groups_equal_to_channels_keep_the_depthwise_kernel(rng):
     v = DeformKernel2d(4, 3, feature_group_count=4).init(KEY, x)
     assert v["params"]["inner_conv"]["kernel"].shape == (4, 4, 4)
     hlo = jax.jit(DeformKernel2d(4, 3, feature_group_count=4).apply).lower(v, x).as_text()
-    assert "@dk_sample_forward_v1(" in hlo and "cols" not in hlo
+    assert "@dk_sample_forward_v2(" in hlo and "cols" not in hlo
 
 
 def test_deform_conv_at_init_is_depthwise_conv(rng):

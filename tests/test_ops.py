@@ -260,11 +260,11 @@ def test_grad_lowers_to_custom_calls_only(rng, deform):
     )
     kind = "deform" if deform else "sample"
     expected = {
-        f"dk_{kind}_forward_v1",
-        f"dk_{kind}_grad_image_v1",
-        f"dk_{kind}_grad_weight_v1",
-        f"dk_{kind}_grad_rotation_v1",
-    } | ({"dk_deform_grad_offset_v1"} if deform else set())
+        f"dk_{kind}_forward_v2",
+        f"dk_{kind}_grad_image_v2",
+        f"dk_{kind}_grad_weight_v2",
+        f"dk_{kind}_grad_rotation_v2",
+    } | ({"dk_deform_grad_offset_v2"} if deform else set())
     found = set(t for t in expected if f"custom_call @{t}(" in hlo or f"@{t}(" in hlo)
     assert found == expected
     # No gathers, scatters, convolutions or dots: the op's work is all in the custom calls.

@@ -446,10 +446,10 @@ def test_data_parallel_on_4_devices_learns_and_never_gathers_activations(tmp_pat
     calls = result["custom_calls"]
     assert calls, "no dk_jax custom call in the compiled train step"
     assert {target for _, _, target in calls} >= {
-        f"dk_sample_{mode}_v1" for mode in ("forward", "grad_image", "grad_weight", "grad_rotation")
+        f"dk_sample_{mode}_v2" for mode in ("forward", "grad_image", "grad_weight", "grad_rotation")
     }
     for shape, _, target in calls:
-        if target != "dk_sample_grad_weight_v1":
+        if target != "dk_sample_grad_weight_v2":
             assert shape.split("[")[1].startswith("4,"), (shape, target)
     assert result["all_gathers"] == 0
     assert result["all_reduces"] > 0

@@ -189,13 +189,15 @@ struct DkCall {
   }
 };
 
+// The geometry of a depthwise or columns call: one named int64 attribute per field, filled by
+// dk_jax._modes.Geometry (the scope is the columns'; 0 for the depthwise targets).
+struct Geometry {
+  int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+  int64_t rotation_groups, scope_h, scope_w;
+};
+
 inline ffi::Error read_dk_call(Mode mode, bool deform, const ffi::RemainingArgs& args,
-                               ffi::AnyBuffer result, ffi::Span<const int64_t> geometry,
-                               DkCall* call) {
-  // Depthwise: (kh, kw, sh, sw, ph, pw, dh, dw, G); columns add the scope (Sh, Sw).
-  if (geometry.size() != (is_cols(mode) ? 11u : 9u)) {
-    return invalid("geometry attribute has the wrong length");
-  }
+                               ffi::AnyBuffer result, const Geometry& g, DkCall* call) {
   const size_t expected = size_t(takes_cot(mode)) + size_t(takes_x(mode)) + size_t(deform) + 1 +
                           size_t(takes_weight(mode)) + size_t(takes_tangent(mode));
   if (args.size() != expected) return invalid("wrong number of operands");
@@ -225,13 +227,13 @@ inline ffi::Error read_dk_call(Mode mode, bool deform, const ffi::RemainingArgs&
   Problem& p = call->p;
   p.N = xd[0], p.H = xd[1], p.W = xd[2], p.C = xd[3];
   p.Ho = rd[1], p.Wo = rd[2];
-  p.Kh = geometry[0], p.Kw = geometry[1], p.sh = geometry[2], p.sw = geometry[3];
-  p.ph = geometry[4], p.pw = geometry[5], p.dh = geometry[6], p.dw = geometry[7];
-  p.G = geometry[8];
+  p.Kh = g.kernel_h, p.Kw = g.kernel_w, p.sh = g.stride_h, p.sw = g.stride_w;
+  p.ph = g.pad_h, p.pw = g.pad_w, p.dh = g.dilation_h, p.dw = g.dilation_w;
+  p.G = g.rotation_groups;
   bool ok;
   if (is_cols(mode)) {
     // Columns (N, Ho, Wo, Sh, Sw, C): the cotangent, or the result of the forward and JVPs.
-    p.Sh = geometry[9], p.Sw = geometry[10], p.Nw = p.N;
+    p.Sh = g.scope_h, p.Sw = g.scope_w, p.Nw = p.N;
     const auto cd = takes_cot(mode) ? cot_b.dimensions() : result.dimensions();
     ok = cd.size() == 6 && cd[0] == p.N && cd[1] == p.Ho && cd[2] == p.Wo &&
          cd[3] == p.Sh && cd[4] == p.Sw && cd[5] == p.C;
@@ -265,3 +267,12 @@ inline ffi::Error read_nd_problem(ffi::AnyBuffer data_like, ffi::AnyBuffer coord
 }
 
 }  // namespace dk
+
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
+    dk::Geometry, ::xla::ffi::StructMember<int64_t>("kernel_h"),
+    ::xla::ffi::StructMember<int64_t>("kernel_w"), ::xla::ffi::StructMember<int64_t>("stride_h"),
+    ::xla::ffi::StructMember<int64_t>("stride_w"), ::xla::ffi::StructMember<int64_t>("pad_h"),
+    ::xla::ffi::StructMember<int64_t>("pad_w"), ::xla::ffi::StructMember<int64_t>("dilation_h"),
+    ::xla::ffi::StructMember<int64_t>("dilation_w"),
+    ::xla::ffi::StructMember<int64_t>("rotation_groups"),
+    ::xla::ffi::StructMember<int64_t>("scope_h"), ::xla::ffi::StructMember<int64_t>("scope_w"));

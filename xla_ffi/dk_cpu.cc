@@ -79,7 +79,7 @@ std::string join(const std::vector<std::string>& names) {
 
 template <Mode M, bool kDeform, DkKernel CpuKernels::*kKernel>
 ffi::Error dk_handler(ffi::ThreadPool pool, ffi::RemainingArgs args,
-                      ffi::Result<ffi::AnyBuffer> out, ffi::Span<const int64_t> geometry) {
+                      ffi::Result<ffi::AnyBuffer> out, const Geometry& geometry) {
   DkCall call;
   if (auto err = read_dk_call(M, kDeform, args, *out, geometry, &call); err.failure()) return err;
   const CpuKernels* kernels = selection().kernels.load(std::memory_order_relaxed);
@@ -187,7 +187,7 @@ DK_TARGETS(DK_DECLARE_CPU)
                                     .Ctx<ffi::ThreadPool>()                               \
                                     .RemainingArgs()                                      \
                                     .Ret<ffi::AnyBuffer>()                                \
-                                    .Attr<ffi::Span<const int64_t>>("geometry"));
+                                    .Attrs<dk::Geometry>());
 #define DK_CPU_HANDLER_nd(name, mode, deform)                                                  \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                               \
       name##_cpu, (dk::nd_handler<dk::NdMode::mode, &dk::CpuKernels::name>),                   \

@@ -506,7 +506,7 @@ ffi::Error dk_launch(cudaStream_t stream, ffi::ScratchAllocator& scratch, const 
 template <Mode M, bool kDeform>
 ffi::Error dk_cuda_handler(cudaStream_t stream, ffi::ScratchAllocator scratch,
                            ffi::RemainingArgs args, ffi::Result<ffi::AnyBuffer> out,
-                           ffi::Span<const int64_t> geometry) {
+                           const Geometry& geometry) {
   DkCall call;
   if (auto err = read_dk_call(M, kDeform, args, *out, geometry, &call); err.failure()) return err;
   return dispatch_float(call.dtype, [&](auto tag) {
@@ -640,7 +640,7 @@ DK_TARGETS(DK_DECLARE_CUDA)
                                     .Ctx<ffi::ScratchAllocator>()                     \
                                     .RemainingArgs()                                  \
                                     .Ret<ffi::AnyBuffer>()                            \
-                                    .Attr<ffi::Span<const int64_t>>("geometry"));
+                                    .Attrs<dk::Geometry>());
 #define DK_CUDA_HANDLER_nd(name, mode, deform)                                          \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name##_cuda, (dk::nd_cuda_handler<dk::NdMode::mode>), \
                                 ffi::Ffi::Bind()                                      \

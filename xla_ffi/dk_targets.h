@@ -2,16 +2,17 @@
 // platform, e.g. dk_sample_forward_cpu) and the pybind11 module (which hands them to Python).
 //
 // The custom-call target names XLA sees are these names plus DK_TARGET_SUFFIX, e.g.
-// dk_sample_forward_v1. Programs serialised with jax.export name their targets, so a target's
+// dk_sample_forward_v2. Programs serialised with jax.export name their targets, so a target's
 // name, operand order, layouts, dtypes and attributes form an interface: any change to them
 // must come with a new suffix (and the old targets kept while old artifacts are supported), so
-// an old artifact fails with "no registered implementation" instead of computing something else.
+// an old artifact fails with "No FFI handler registered for ..." instead of computing something
+// else.
 // Python reads the suffix from the compiled module (dk_jax/_ffi.py), never a copy of it.
 #pragma once
 
 #include "xla/ffi/api/c_api.h"
 
-#define DK_TARGET_SUFFIX "_v1"
+#define DK_TARGET_SUFFIX "_v2"
 
 // Every target, once: X(name, family, mode, deformable). family is `dk` (the depthwise and
 // columns handlers, mode a dk::Mode) or `nd` (nd_linear_sample, mode a dk::NdMode). The handler
