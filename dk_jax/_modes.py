@@ -17,8 +17,8 @@ tangent too. So a mode is declared by its form and its slot; from that follow
   - its derivative in a position (the same slot of the form's derivative: `derivative`),
   - and how it is written on the jax.numpy reference (`as_derivative`).
 
-Adding a mode is one `Mode` line (plus its kernel, and its row in xla_ffi/dk_modes.h); a new
-form is one `Form`.
+Adding a mode is one `Mode` line (plus its kernel, and its row in DK_TARGETS,
+xla_ffi/dk_targets.h); a new form is one `Form`.
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ class Mode:
 class Family:
     """A family of primitives sharing operand roles and rules.
 
-    order: every role, in the operands' fixed order. linear: the linear operands of the
-    forward. positions: the nonlinear ones; `batch` the role whose leading axis is the batch.
+    order: every role, in the operands' fixed order. linear_operands: the linear operands of
+    the forward. positions: the nonlinear ones; `batch` the role whose leading axis is the batch.
     shared: the operand that may be one for the whole batch (leading axis 1), or None.
     kind: the middle of the primitive and target names.
     """
@@ -190,7 +190,7 @@ class Family:
         return f"dk_{self.kind}{mode}"
 
     def target(self, mode: str, deformable: bool) -> str:
-        """The custom-call target, without the version suffix (xla_ffi/dk_modes.h)."""
+        """The custom-call target, without the version suffix (DK_TARGETS, xla_ffi/dk_targets.h)."""
         if self.name == "nd":
             return f"dk_nd_{mode}"
         return f"dk_{'deform' if deformable else 'sample'}_{self.kind}{mode}"
