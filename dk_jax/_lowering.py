@@ -46,6 +46,20 @@ def _batch_partitionable_attributes(avals_in, avals_out) -> dict:
     }
 
 
+def _sum_samples(g):
+    """Per-sample results summed over the leading axis (kept, of size 1) in float32 (float64
+    for float64): a shared weight's or table's gradient."""
+    total = jnp.sum(g, axis=0, keepdims=True, dtype=jnp.promote_types(g.dtype, jnp.float32))
+    return total.astype(g.dtype)
+
+
+def _with_rows(params, n, rows):
+    """The shape params with a leading axis n given `rows` instead (others kept)."""
+    return {
+        k: (rows if v[0] == n else v[0], *v[1:]) for k, v in params.items() if k.endswith("_shape")
+    }
+
+
 def _lower_jnp(fun, ctx, aval_in, aval_out, operand):
     (out,) = mlir.lower_fun(fun, multiple_results=False)(
         ctx.replace(avals_in=[aval_in], avals_out=[aval_out]), operand
@@ -90,28 +104,21 @@ def _batch_partitioned_call(ctx, target: str, args, n: int, *, shares: bool, **a
     rule = jax.ffi.ffi_lowering(target, extra_attributes=extra)
     (result,) = rule(ctx.replace(avals_in=avals_in, avals_out=[full]), *operands, **attributes)
     if full is not out:
-        result = _lower_jnp(
-            lambda g: jnp.sum(
-                g, axis=0, keepdims=True, dtype=jnp.promote_types(g.dtype, jnp.float32)
-            ).astype(g.dtype),
-            ctx,
-            full,
-            out,
-            result,
-        )
+        result = _lower_jnp(_sum_samples, ctx, full, out, result)
     return [result]
 
 
 def _kernel_lowering(family: Family, mode: str, ctx, *args, **params):
-    n = ctx.avals_in[family.roles(mode, params.get("deformable", True)).index(family.batch)]
+    deformable = params.get("deformable", False)  # the nd family has no offset
+    batch = ctx.avals_in[family.roles(mode, deformable).index(family.batch)]
     attributes = {}
     if "geometry" in params:  # one int64 attribute per field (dk::Geometry)
         attributes = {k: np.int64(v) for k, v in params["geometry"]._asdict().items()}
     return _batch_partitioned_call(
         ctx,
-        family.target(mode, params.get("deformable", False)) + _ffi.target_suffix(),
+        family.target(mode, deformable) + _ffi.target_suffix(),
         args,
-        n.shape[0],
+        batch.shape[0],
         shares=family is DK,  # the depthwise targets take a shared (1, Sh, Sw, C) weight
         **attributes,
     )
@@ -129,11 +136,14 @@ def _reference_lowering(name, reference, ctx, *args, kernel_only, **params):
             f"{name} lowers to its jax.numpy reference there (and to the kernel where there is "
             'one), with implementation="xla" to the reference everywhere'
         )
-    n, out_rows = max(a.shape[0] for a in ctx.avals_in), ctx.avals_out[0].shape[0]
-    fun = partial(_per_sample, reference, out_rows, params)
+    n = max(a.shape[0] for a in ctx.avals_in)
+    shared = ctx.avals_out[0].shape[0] != n  # a shared weight's or table's gradient
+    fun = partial(_per_sample, reference, shared, params)
     mesh, batch_axes = _explicit_batch_axes(ctx.avals_in, n)
     if batch_axes:
-        fun = _on_each_device(reference, ctx.avals_in, ctx.avals_out[0], mesh, batch_axes, params)
+        fun = _on_each_device(
+            reference, shared, ctx.avals_in, ctx.avals_out[0], mesh, batch_axes, params
+        )
     # Traced on plain avals (but for an Explicit mesh's sharding): the operands' shard_map types
     # have done their work (the primitive's rules checked them), and the reference's own
     # constants would otherwise be typed as not varying.
@@ -163,32 +173,29 @@ def _explicit_batch_axes(avals, n) -> tuple:
     return None, ()
 
 
-def _on_each_device(reference, avals_in, aval_out, mesh, batch_axes, params):
-    """`_per_sample(reference)` run on each device's samples of a batch split over Explicit
-    mesh axes (shard_map, manual over those axes), as the batch-partitioned custom call is; a
-    shared result (a weight's gradient) is summed over them. Any other split of an operand (a
-    sharded weight, a spatial axis) is gathered first."""
+def _on_each_device(reference, shared, avals_in, aval_out, mesh, batch_axes, params):
+    """`_per_sample(reference, shared)` run on each device's samples of a batch split over
+    Explicit mesh axes (shard_map, manual over those axes), as the batch-partitioned custom call
+    is; a shared result (a weight's gradient) is summed over them. Any other split of an operand
+    (a sharded weight, a spatial axis) is gathered first."""
     n = max(a.shape[0] for a in avals_in)
     devices = int(np.prod([mesh.shape[a] for a in batch_axes]))
-    local = {
-        k: (v[0] // devices if v[0] == n else v[0], *v[1:])
-        for k, v in params.items()
-        if k.endswith("_shape")
-    }
+    local = dict(params, **_with_rows(params, n, n // devices))
     split = P(batch_axes)
     specs = tuple(split if a.shape[0] == n else P() for a in avals_in)
-    shared_out = aval_out.shape[0] != n
 
     def body(*operands):
-        rows = 1 if shared_out else n // devices
-        out = _per_sample(reference, rows, dict(params, **local), *operands)
-        return jax.lax.psum(out, batch_axes) if shared_out else out
+        out = _per_sample(reference, shared, local, *operands)
+        return jax.lax.psum(out, batch_axes) if shared else out
 
+    # No derivative is taken through this shard_map: it is the lowering of one mode, whose
+    # derivatives are other primitives (checked exact under shard_map(check_vma=True) in
+    # tests/test_sharding.py); the reference's own constants are not typed as varying.
     per_device = jax.shard_map(
         body,
         mesh=mesh,
         in_specs=specs,
-        out_specs=P() if shared_out else split,
+        out_specs=P() if shared else split,
         axis_names=set(batch_axes),
         check_vma=False,
     )
@@ -200,28 +207,28 @@ def _on_each_device(reference, avals_in, aval_out, mesh, batch_axes, params):
     return run
 
 
-def _per_sample(reference, out_rows, params, *args):
+def _per_sample(reference, shared, params, *args):
     """reference(*args, **params) computed one sample at a time (vmapped over the leading axis
     n, shared operands of leading axis 1 unmapped), as the kernels are: its gathers then carry
     the batch as a batching dimension, so XLA splits them along a sharded batch instead of
-    gathering the operands. A result of leading axis 1 beside n > 1 (a shared weight's or
-    table's gradient) is the per-sample results' sum, in float32 (float64 for float64)."""
+    gathering the operands. A `shared` result (leading axis 1: a weight's or table's gradient)
+    is the per-sample results' sum."""
     n = max(a.shape[0] for a in args)
     if n == 1:
         return reference(*args, **params)
-    one = {k: (1, *v[1:]) for k, v in params.items() if k.endswith("_shape")}
+    one = dict(params, **_with_rows(params, n, 1))
 
     def sample(*operands):
-        return reference(*operands, **dict(params, **one))[0]
+        return reference(*operands, **one)[0]
 
     mapped = [a.shape[0] == n for a in args]
     out = jax.vmap(sample, in_axes=[0 if m else None for m in mapped])(
         *[a[:, None] if m else a for a, m in zip(args, mapped, strict=True)]
     )
-    if out_rows == 1:
-        total = jnp.promote_types(out.dtype, jnp.float32)
-        out = jnp.sum(out, axis=0, keepdims=True, dtype=total).astype(out.dtype)
-    return out
+    return _sum_samples(out) if shared else out
+
+
+_REFERENCE_LOWERINGS: dict = {}  # primitive -> its reference lowering rule
 
 
 def _register(family: Family) -> None:
@@ -234,9 +241,6 @@ def _register(family: Family) -> None:
         mlir.register_lowering(p, _REFERENCE_LOWERINGS[p])
         for platform in _ffi.lowering_platforms():
             mlir.register_lowering(p, partial(_kernel_lowering, family, mode), platform=platform)
-
-
-_REFERENCE_LOWERINGS: dict = {}
 
 
 def lower_to_reference_on(platform: str) -> None:
