@@ -85,6 +85,9 @@ CASES = [
     dict(k=(4, 4), s=(4, 4), pad=(1, 2)),
     # 83 = 64 + 16 + 3 channels: every channel block of the one-group CPU forward.
     dict(k=(3, 3), s=(4, 4), c=83, n=1, h=5, w=6),
+    # 37 = 16 + 16 + 5 output columns: every run of the CPU forward's footprint table.
+    dict(k=(3, 3), s=(4, 4), c=5, n=1, h=3, w=37),
+    dict(k=(3, 3), s=(5, 4), c=10, n=1, h=4, w=40, stride=(1, 2), dil=(1, 2), pad=(1, 2)),
 ]
 
 
@@ -482,6 +485,17 @@ def test_nan_positions_read_and_write_nothing(rng):
             return jnp.vdot(ct, y)
 
         return jax.grad(loss, (0, 1, 2, 3))(a["x"], off, rot, a["weight"])
+
+    # The forward: NaN exactly where the reference has it (the CPU forward builds its
+    # footprints branch-free, apart from the gradients' footprints).
+    for args, op in (
+        ((a["x"], off, rot, a["weight"]), dk_jax.deform_sample_depthwise),
+        ((a["x"], rot, a["weight"]), dk_jax.sample_depthwise),
+    ):
+        got = np.asarray(op(*args, **geo, implementation="ffi"))
+        want = np.asarray(op(*args, **geo, implementation="xla"))
+        assert np.isnan(want).any()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
 
     names = ("x", "offset", "rotation", "weight")
     for name, got, want in zip(names, grads("ffi"), grads("xla"), strict=True):

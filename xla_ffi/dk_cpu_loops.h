@@ -305,26 +305,36 @@ void dk_row(const Problem& p, const Operands<T>& A, const T* zero_row, int64_t n
   }
 }
 
-// Forward with one rotation group, the common case: the footprints of a location's taps are
-// computed once into a small table (per tap: NI image rows, then 4 kernel rows, each with its
-// weight), then channels are swept in blocks of kVecs vectors whose accumulators stay in
-// registers across all taps. The rest of the channels go one at a time.
+// Forward with one rotation group, the common case. For a run of up to kFootprintRun locations
+// of a row, the footprints of every tap are computed at once, one location a vector lane, into a
+// table of rows (pointers to the channel rows each corner reads, or to a zero row) and weights:
+// entry (tap, corner) of location l at ((tap * NR) + corner) * kFootprintRun + l, where corners
+// are the NI image corners then the 4 kernel corners. Then each location's channels are swept in
+// blocks of kVecs vectors whose accumulators stay in registers across all taps; the rest of the
+// channels go one at a time.
+constexpr int64_t kFootprintRun = 16;
+
 template <int kVecs, int NI, int NR, typename T>
 inline void forward_block(const T* const* rows, const acc_t<T>* weights, int64_t taps,
                           int64_t c0, T* out) {
   using F = acc_t<T>;
   using V = Vec<F>;
-  V acc[kVecs] = {};
+  constexpr int64_t kS = kFootprintRun;
+  V acc[kVecs];
+  for (int v = 0; v < kVecs; ++v) acc[v] = V{};  // each in a register (`= {}` zeroes memory)
   for (int64_t tap = 0; tap < taps; ++tap) {
-    const T* const* tr = rows + tap * NR;
-    const F* tw = weights + tap * NR;
+    const T* const* tr = rows + tap * NR * kS;
+    const F* tw = weights + tap * NR * kS;
+    const F kw[4] = {tw[NI * kS], tw[(NI + 1) * kS], tw[(NI + 2) * kS], tw[(NI + 3) * kS]};
+    F iw[NI];
+    for (int k = 0; k < NI; ++k) iw[k] = tw[k * kS];
     for (int v = 0; v < kVecs; ++v) {
       const int64_t c = c0 + kLanes<F> * v;
       // A rigid tap reads one pixel with weight exactly 1 (or the zero row): skip the multiply.
-      const V image = NI == 1 ? load_vec(tr[0] + c) : blend_values<NI, V>(tw, [&](int k) {
-        return load_vec(tr[k] + c);
+      const V image = NI == 1 ? load_vec(tr[0] + c) : blend_values<NI, V>(iw, [&](int k) {
+        return load_vec(tr[k * kS] + c);
       });
-      const V kernel = blend_values<4, V>(tw + NI, [&](int k) { return load_vec(tr[NI + k] + c); });
+      const V kernel = blend_values<4, V>(kw, [&](int k) { return load_vec(tr[(NI + k) * kS] + c); });
       acc[v] += tap_product(image, kernel);
     }
   }
@@ -348,24 +358,28 @@ inline void forward_block_bf16(const bf16* const* rows, const float* weights, in
                                int64_t c0, bf16* out) {
   using V = Vec<float>;
   constexpr int64_t kSpan = 2 * kLanes<float>;
-  V even[kPairs] = {}, odd[kPairs] = {};
+  constexpr int64_t kS = kFootprintRun;
+  V even[kPairs], odd[kPairs];
+  for (int v = 0; v < kPairs; ++v) even[v] = odd[v] = V{};
   for (int64_t tap = 0; tap < taps; ++tap) {
-    const bf16* const* tr = rows + tap * NR;
-    const float* tw = weights + tap * NR;
+    const bf16* const* tr = rows + tap * NR * kS;
+    const float* tw = weights + tap * NR * kS;
+    float w[NR];
+    for (int k = 0; k < NR; ++k) w[k] = tw[k * kS];
     for (int v = 0; v < kPairs; ++v) {
       const int64_t c = c0 + kSpan * v;
       V xe[NI], xo[NI], we[4], wo[4];
-      for (int k = 0; k < NI; ++k) load_bf16_pair(tr[k] + c, xe[k], xo[k]);
-      for (int k = 0; k < 4; ++k) load_bf16_pair(tr[NI + k] + c, we[k], wo[k]);
-      auto blend_of = [&](const float* w, const V* rows_v, auto nc) {
-        return blend_values<decltype(nc)::value, V>(w, [&](int k) { return rows_v[k]; });
+      for (int k = 0; k < NI; ++k) load_bf16_pair(tr[k * kS] + c, xe[k], xo[k]);
+      for (int k = 0; k < 4; ++k) load_bf16_pair(tr[(NI + k) * kS] + c, we[k], wo[k]);
+      auto blend_of = [&](const float* bw, const V* rows_v, auto nc) {
+        return blend_values<decltype(nc)::value, V>(bw, [&](int k) { return rows_v[k]; });
       };
       const std::integral_constant<int, NI> ni;
       const std::integral_constant<int, 4> four;
-      const V ie = NI == 1 ? xe[0] : blend_of(tw, xe, ni);
-      const V io = NI == 1 ? xo[0] : blend_of(tw, xo, ni);
-      even[v] += tap_product(ie, blend_of(tw + NI, we, four));
-      odd[v] += tap_product(io, blend_of(tw + NI, wo, four));
+      const V ie = NI == 1 ? xe[0] : blend_of(w, xe, ni);
+      const V io = NI == 1 ? xo[0] : blend_of(w, xo, ni);
+      even[v] += tap_product(ie, blend_of(w + NI, we, four));
+      odd[v] += tap_product(io, blend_of(w + NI, wo, four));
     }
   }
   for (int v = 0; v < kPairs; ++v) {
@@ -378,11 +392,16 @@ template <int NI, int NR, typename T>
 inline void forward_channel(const T* const* rows, const acc_t<T>* weights, int64_t taps,
                             int64_t c, T* out) {
   using F = acc_t<T>;
+  constexpr int64_t kS = kFootprintRun;
   F acc = F(0);
   for (int64_t tap = 0; tap < taps; ++tap) {
-    const T* const* tr = rows + tap * NR;
-    const F* tw = weights + tap * NR;
-    acc += tap_product(blend<NI>(tw, tr, c), blend<4>(tw + NI, tr + NI, c));
+    const T* r[NR];
+    F w[NR];
+    for (int k = 0; k < NR; ++k) {
+      r[k] = rows[(tap * NR + k) * kS];
+      w[k] = weights[(tap * NR + k) * kS];
+    }
+    acc += tap_product(blend<NI>(w, r, c), blend<4>(w + NI, r + NI, c));
   }
   out[c] = narrow<T>(acc);
 }
@@ -393,55 +412,104 @@ inline void forward_channel(const T* const* rows, const acc_t<T>* weights, int64
 // AVX-512).
 constexpr int kForwardVecs = 8;
 
+// Scratch of one thread of the forward: the footprint table of a run of locations.
+template <typename T>
+struct ForwardScratch {
+  std::vector<const T*> rows;
+  std::vector<acc_t<T>> weights;
+};
+
+// The table entries of one corner set of a tap for `count` locations: the bilinear corners
+// (bilinear_corners of dk_math.h) of position(l), as rows of `plane` (C channels a row) or the
+// zero row. Branch-free, so the compiler runs it over the vector lanes.
+template <int kCorners, typename T, typename F, typename Position>
+inline void corner_run(int64_t count, const Position& position, int64_t R, int64_t Q,
+                       const T* plane, int64_t C, const T* zero_row, const T** __restrict rows,
+                       F* __restrict w) {
+  for (int64_t l = 0; l < count; ++l) {
+    int64_t il[4];
+    F wl[4];
+    const auto [u, v] = position(l);
+    bilinear_corners(u, v, R, Q, il, wl);
+    for (int k = 0; k < kCorners; ++k) {
+      rows[k * kFootprintRun + l] = il[k] >= 0 ? plane + il[k] * C : zero_row;
+      w[k * kFootprintRun + l] = wl[k];
+    }
+  }
+}
+
 template <bool kDeform, typename T>
 void forward_row_one_group(const Problem& p, const Operands<T>& A, const T* zero_row, int64_t n,
-                           int64_t i, std::vector<const T*>& rows,
-                           std::vector<acc_t<T>>& weights) {
+                           int64_t i, ForwardScratch<T>& s) {
+  using F = acc_t<T>;
   constexpr int NI = kDeform ? 4 : 1;
   constexpr int NR = NI + 4;  // image corners, then kernel corners
-  constexpr int64_t kLane = kLanes<acc_t<T>>;
+  constexpr int64_t kLane = kLanes<F>;
+  constexpr int64_t kRun = kFootprintRun;
   const int64_t C = p.C, taps = p.taps();
   const T* x_n = A.x + n * p.H * p.W * C;
   const T* w_n = A.weight + (p.Nw == 1 ? 0 : n) * p.scope() * C;
-  rows.resize(size_t(taps * NR));
-  weights.resize(size_t(taps * NR));
-  for (int64_t j = 0; j < p.Wo; ++j) {
-    const int64_t loc = (n * p.Ho + i) * p.Wo + j;
-    const T* rot = A.rotation + loc * taps * 2;
-    const T* off = kDeform ? A.offset + loc * taps * 2 : nullptr;
-    const T** r = rows.data();
-    acc_t<T>* w = weights.data();
-    for (int64_t a = 0; a < p.Kh; ++a) {
-      for (int64_t b = 0; b < p.Kw; ++b, r += NR, w += NR) {
-        const auto img = image_footprint<kDeform>(p, off, i, j, a, b);
-        const auto kf = kernel_footprint(p, rot, a, b, 0);
-        for (int k = 0; k < NI; ++k) {
-          r[k] = img.index[k] >= 0 ? x_n + img.index[k] * C : zero_row;
-          w[k] = img.w[k];
+  s.rows.resize(size_t(taps * NR * kRun));
+  s.weights.resize(size_t(taps * NR * kRun));
+  // Copies of the sizes: the lambdas below must not read them through `p`, which the table's
+  // stores could alias as far as the compiler knows.
+  const int64_t H = p.H, W = p.W, Kh = p.Kh, Kw = p.Kw, Sh = p.Sh, Sw = p.Sw;
+  const int64_t sw = p.sw, pw = p.pw, dw = p.dw, stride = taps * 2;
+  for (int64_t j0 = 0; j0 < p.Wo; j0 += kRun) {
+    const int64_t count = std::min(kRun, p.Wo - j0);
+    const int64_t loc0 = (n * p.Ho + i) * p.Wo + j0;
+    for (int64_t a = 0; a < Kh; ++a) {
+      const int64_t hp = image_position(i, a, p.sh, p.ph, p.dh);
+      for (int64_t b = 0; b < Kw; ++b) {
+        const int64_t tap = a * Kw + b;
+        const T** rows = s.rows.data() + tap * NR * kRun;
+        F* w = s.weights.data() + tap * NR * kRun;
+        // The image corners (image_footprint of dk_math.h, over the lanes).
+        if constexpr (kDeform) {
+          const T* off = A.offset + loc0 * stride + 2 * tap;
+          corner_run<4>(count, [=](int64_t l) {
+            const int64_t wp = image_position(j0 + l, b, sw, pw, dw);
+            return std::pair<F, F>{F(hp) + widen(off[l * stride]),
+                                   F(wp) + widen(off[l * stride + 1])};
+          }, H, W, x_n, C, zero_row, rows, w);
+        } else {
+          const bool row_in = hp >= 0 && hp < H;
+          for (int64_t l = 0; l < count; ++l) {
+            const int64_t wp = image_position(j0 + l, b, sw, pw, dw);
+            const bool in = row_in & (wp >= 0) & (wp < W);
+            rows[l] = in ? x_n + (hp * W + wp) * C : zero_row;
+            w[l] = in ? F(1) : F(0);
+          }
         }
-        for (int k = 0; k < 4; ++k) {
-          r[NI + k] = kf.index[k] >= 0 ? w_n + kf.index[k] * C : zero_row;
-          w[NI + k] = kf.w[k];
-        }
+        // The kernel corners (kernel_footprint).
+        const T* rot = A.rotation + loc0 * stride + 2 * tap;
+        corner_run<4>(count, [=](int64_t l) {
+          return std::pair<F, F>{scope_position(a, widen(rot[l * stride]), Kh, Sh),
+                                 scope_position(b, widen(rot[l * stride + 1]), Kw, Sw)};
+        }, Sh, Sw, w_n, C, zero_row, rows + NI * kRun, w + NI * kRun);
       }
     }
-    T* out = A.out + loc * C;
-    int64_t c0 = 0;
-    if constexpr (std::is_same<T, bf16>::value) {
+    for (int64_t l = 0; l < count; ++l) {
+      const T* const* rows = s.rows.data() + l;
+      const F* weights = s.weights.data() + l;
+      T* out = A.out + (loc0 + l) * C;
+      int64_t c0 = 0;
+      if constexpr (std::is_same<T, bf16>::value) {
+        for (; c0 + kForwardVecs * kLane <= C; c0 += kForwardVecs * kLane) {
+          forward_block_bf16<kForwardVecs / 2, NI, NR>(rows, weights, taps, c0, out);
+        }
+        for (; c0 + 2 * kLane <= C; c0 += 2 * kLane) {
+          forward_block_bf16<1, NI, NR>(rows, weights, taps, c0, out);
+        }
+      }
       for (; c0 + kForwardVecs * kLane <= C; c0 += kForwardVecs * kLane) {
-        forward_block_bf16<kForwardVecs / 2, NI, NR>(rows.data(), weights.data(), taps, c0, out);
+        forward_block<kForwardVecs, NI, NR>(rows, weights, taps, c0, out);
       }
-      for (; c0 + 2 * kLane <= C; c0 += 2 * kLane) {
-        forward_block_bf16<1, NI, NR>(rows.data(), weights.data(), taps, c0, out);
+      for (; c0 + kLane <= C; c0 += kLane) {
+        forward_block<1, NI, NR>(rows, weights, taps, c0, out);
       }
+      for (; c0 < C; ++c0) forward_channel<NI, NR>(rows, weights, taps, c0, out);
     }
-    for (; c0 + kForwardVecs * kLane <= C; c0 += kForwardVecs * kLane) {
-      forward_block<kForwardVecs, NI, NR>(rows.data(), weights.data(), taps, c0, out);
-    }
-    for (; c0 + kLane <= C; c0 += kLane) {
-      forward_block<1, NI, NR>(rows.data(), weights.data(), taps, c0, out);
-    }
-    for (; c0 < C; ++c0) forward_channel<NI, NR>(rows.data(), weights.data(), taps, c0, out);
   }
 }
 
@@ -526,13 +594,11 @@ void dk_run(ffi::ThreadPool* pool, const Problem& p, const Operands<T>& A) {
     RowScratch s = make_scratch();
     std::vector<F> cols(writes_cols(M) ? size_t(S * C) : 0);
     s.grad_weight = cols.data();
-    std::vector<const T*> tap_rows;
-    std::vector<F> tap_weights;
+    ForwardScratch<T> forward;
     auto [r0, r1] = chunk_range(rows, n_chunks, chunk);
     for (int64_t r = r0; r < r1; ++r) {
       if constexpr (M == Mode::kForward && kOneGroup) {
-        forward_row_one_group<kDeform>(p, A, zero_row.data(), r / p.Ho, r % p.Ho, tap_rows,
-                                       tap_weights);
+        forward_row_one_group<kDeform>(p, A, zero_row.data(), r / p.Ho, r % p.Ho, forward);
       } else {
         dk_row<M, kDeform, kOneGroup>(p, A, zero_row.data(), r / p.Ho, r % p.Ho, s);
       }

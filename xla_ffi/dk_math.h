@@ -95,6 +95,38 @@ DK_HD Footprint<F> bilinear_footprint(F u, F v, int64_t R, int64_t Q) {
   return f;
 }
 
+// The corners and weights of bilinear_footprint (its `index` and `w`, the same numbers) without
+// a branch, so that a loop over many positions runs lane-parallel on a CPU's vector unit: the
+// forward builds the footprints of a run of locations this way. Every select is computed for
+// every position; an outside or NaN position is moved to 0 before the floor, so no conversion
+// ever sees a value out of the integer range.
+template <typename F>
+DK_HD void bilinear_corners(F u, F v, int64_t R, int64_t Q, int64_t* index, F* w) {
+  // Bitwise & and |, not && and ||: no short-circuit branch in a loop meant for vector lanes.
+  const bool nan = is_nan(u) | is_nan(v);
+  const bool inside = (u > F(-1)) & (v > F(-1)) & (u < F(R)) & (v < F(Q));  // false for NaN
+  // Clamped (NaN to -2): a position the conversions below can take, the same when inside.
+  const F u2 = u > F(-2) ? u : F(-2), v2 = v > F(-2) ? v : F(-2);
+  const F uc = u2 < F(R) ? u2 : F(R), vc = v2 < F(Q) ? v2 : F(Q);
+  const F fy = floor_of(uc), fx = floor_of(vc);
+  const int64_t y0 = int64_t(int32_t(fy)), x0 = int64_t(int32_t(fx));
+  const F ly = uc - fy, lx = vc - fx;
+  const F hy = F(1) - ly, hx = F(1) - lx;
+  const bool row0 = inside & (y0 >= 0), row1 = inside & (y0 + 1 < R);
+  const bool col0 = x0 >= 0, col1 = x0 + 1 < Q;
+  const bool in[4] = {bool(row0 & col0), bool(row0 & col1), bool(row1 & col0), bool(row1 & col1)};
+  const int64_t idx[4] = {y0 * Q + x0, y0 * Q + x0 + 1, (y0 + 1) * Q + x0, (y0 + 1) * Q + x0 + 1};
+  const F wk[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
+  for (int k = 0; k < 4; ++k) {
+    index[k] = in[k] ? idx[k] : int64_t(-1);
+    w[k] = in[k] ? wk[k] : F(0);
+  }
+  // A NaN position: corner 0 reads element 0 with a NaN weight, as in bilinear_footprint.
+  const int64_t nan_index = (R > 0) & (Q > 0) ? int64_t(0) : int64_t(-1);
+  index[0] = nan ? nan_index : index[0];
+  w[0] = nan ? u + v : w[0];
+}
+
 // Whether a gradient scattered through corner k lands in the plane: the corner lies in it and
 // the position is a number. A NaN position's read of element 0 makes its result NaN, but
 // nothing flows back through it into the plane (as in the reference, which masks the read).
