@@ -30,16 +30,16 @@ demo: $(STAMP)
 	$(PY) -m train --config digits_deformed
 	$(PY) -m train.evaluate --checkpoint runs/digits_deformed
 
-# The scale study (42 min on a 2-core CPU): does a deformable layer's effective receptive
-# field follow the object's scale? Trains the small ResNet on digits_scaled (generated on first
-# use) for 4 arms x 5 seeds, measures the ERFs with their controls, applies the pre-registered
-# decision rule (plus an exploratory ERF measurement on a larger canvas) and writes docs/RESULTS.md
-# and docs/study/*.png. Runs go to runs/scale_study/;
-# re-running skips finished runs and analyses.
+# The scale study (studies/, 42 min on a 2-core CPU): does a deformable layer's effective
+# receptive field follow the object's scale? Writes digits_scaled (first run only), trains the
+# small ResNet on it for 4 arms x 5 seeds, measures the ERFs with their controls, applies the
+# pre-registered decision rule (plus an exploratory ERF measurement on a larger canvas) and
+# writes docs/RESULTS.md and docs/study/*.png. Runs go to runs/scale_study/; re-running skips
+# finished runs and analyses.
 # matplotlib is the `study` extra (already there when `make setup` installed the test extra).
 study: $(STAMP)
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PIP) install -q "matplotlib>=3.7"
-	$(PY) -m train.study --explore-pad 16
+	$(PY) -m studies.scale --explore-pad 16
 
 # A short tour of the three operators (ffi against the reference, with timings).
 demo-ops: $(STAMP)
@@ -89,7 +89,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.report
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check dk_jax train tests benchmarks scripts
+	$(VENV)/bin/ruff check dk_jax train studies tests benchmarks scripts
 
 clean:
 	rm -rf build $(VENV)

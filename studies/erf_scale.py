@@ -1,4 +1,4 @@
-"""Measurements of the scale study (train/study.py): the effective receptive field (ERF) of a
+"""Measurements of the scale study (studies/scale.py): the effective receptive field (ERF) of a
 unit at the object's centre against the object's scale, its controls, and the decision rule.
 
 Per trained run and per val image of `digits_scaled` (object scale s, centre c known):
@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from dk_jax import analysis
-from dk_jax.modules import _maths as dkmath
 from train import visualize
 
 POSITIVE_MIN = 0.8
@@ -149,7 +148,7 @@ def _erf_function(run: visualize.Run, block: int, unit, zoom_back: bool):
 
         return erfs_of
 
-    return visualize._compiled(run, "scale-erf", make, block, unit, zoom_back)
+    return visualize.compiled(run, "scale-erf", make, block, unit, zoom_back)
 
 
 def measure(
@@ -191,6 +190,15 @@ def exponent(scales: Sequence[float], mean_radii: Sequence[float]) -> float:
 # --- hand-set offsets (the ceiling) -----------------------------------------------------------
 
 
+def rigid_scope_positions(k: int, scope: int) -> np.ndarray:
+    """(K, K, 2) float64: where each tap of a K x K kernel reads its scope kernel at zero
+    rotation, (a, b) + (S - K)/2 (`dk_jax.analysis.kernel_sample_positions` of a zero rotation;
+    the values are multiples of 1/2, exact in float32)."""
+    zero = np.zeros((1, 1, 1, k * k * 2), np.float32)
+    positions = analysis.kernel_sample_positions(zero, (0, 0), kernel_size=k, scope_size=scope)
+    return np.asarray(positions[0, 0], np.float64)
+
+
 def hand_set(run: visualize.Run, variables: dict, factor: float) -> dict:
     """`variables` with every adaptive layer's predicted offsets replaced by constants that put
     its taps at `factor` times their rigid distance from the kernel's centre: image taps
@@ -201,7 +209,7 @@ def hand_set(run: visualize.Run, variables: dict, factor: float) -> dict:
     mc = run.config.model
     k = 3
     scope = max(mc.scope_size, k)
-    grid = dkmath.kernel_grid((k, k), (scope, scope))  # (K, K, 2) rigid scope positions
+    grid = rigid_scope_positions(k, scope)
     rotation = np.tile(((factor - 1.0) * (grid - (scope - 1) / 2)).reshape(-1), mc.rotation_groups)
     taps = np.stack(np.meshgrid(np.arange(k), np.arange(k), indexing="ij"), -1) - (k - 1) / 2
     offset = ((factor - 1.0) * taps).reshape(-1)
@@ -262,7 +270,7 @@ def border_share(run: visualize.Run, variables: dict, pixels: np.ndarray) -> flo
 
         return shares_of
 
-    fn = visualize._compiled(run, "border-share", make)
+    fn = visualize.compiled(run, "border-share", make)
     chunks = range(0, len(pixels), 64)
     shares = [float(fn(variables, np.asarray(pixels[i : i + 64], np.float32))) for i in chunks]
     sizes = [len(pixels[i : i + 64]) for i in chunks]

@@ -1,11 +1,18 @@
 """The scale study: does a deformable layer's effective receptive field (ERF) follow the
-object's scale? A pre-registered test on `digits_scaled` (see train/configs/digits_scaled_study.py
-and train/erf_scale.py).
+object's scale? A pre-registered test on `digits_scaled` (see studies/configs/scale_study.py,
+studies/digits_scaled.py and studies/erf_scale.py).
 
-    python -m train.study [--config digits_scaled_study] [--set key=value ...]
-                          [--arms frozen local_dk dcn dk_dcn] [--seeds 0 1 2 3 4]
-                          [--erf-sources 48] [--workdir runs/scale_study] [--docs docs]
+    python -m studies.scale [--config scale_study] [--set key=value ...]
+                            [--arms frozen local_dk dcn dk_dcn] [--seeds 0 1 2 3 4]
+                            [--erf-sources 48] [--explore-pad 16] [--workdir runs/scale_study]
+                            [--docs docs]
 
+`--config` takes a file or the name of a config in studies/configs/; `--set` changes its keys as
+for `python -m train` (the study's data: `digits_scaled.seed`, `.train_copies`, `.size`,
+`.limit`).
+
+0. Writes `digits_scaled` to `data.root` unless it is there already (studies/digits_scaled.py,
+   with the config's `digits_scaled` group).
 1. Trains the small ResNet once per (arm, seed) into `<workdir>/<arm>_s<seed>/` with
    `train.train.train_and_evaluate`, seed-major (a study cut short has every arm of its first
    seeds). A finished run (summary.json at the full step count) is skipped; an interrupted one
@@ -16,8 +23,8 @@ and train/erf_scale.py).
    zoomed-back input (positive control) and hand-set offsets (ceiling), and the share of
    kernel taps on the scope border.
 3. Applies the decision rule (`DECISION_RULE`, fixed before the runs) and writes
-   `<docs>/RESULTS.md` and `<docs>/study/*.png`. Text between `<!-- notes -->` and
-   `<!-- /notes -->` of an existing RESULTS.md is kept.
+   `<docs>/RESULTS.md` and `<docs>/study/*.png` (studies/scale_figures.py). Text between
+   `<!-- notes -->` and `<!-- /notes -->` of an existing RESULTS.md is kept.
 """
 
 from __future__ import annotations
@@ -33,17 +40,19 @@ from pathlib import Path
 
 import numpy as np
 
+from studies import scale_figures
+from studies.configs import scale_study as study_config
 from train.config import Config, ConfigError, load_config
-from train.configs import digits_scaled_study as study_config
 from train.images import DatasetError
 
-log = logging.getLogger("train.study")
+log = logging.getLogger("studies.scale")
+CONFIGS = Path(__file__).parent / "configs"
 NOTES = ("<!-- notes -->", "<!-- /notes -->")
 ANALYSIS_VERSION = 1
 PRIMARY = ("last", "r50")  # the decision rule's statistic: r50 of the last stage's unit
 
 DECISION_RULE = """\
-Registered on 2026-11-30, before the study's runs; `train.erf_scale.decide` implements it and
+Registered on 2026-11-30, before the study's runs; `studies.erf_scale.decide` implements it and
 `tests/test_study.py` checks that it returns each verdict. Only the budget pilots had been
 trained (seed 0 of `frozen`, 1000 steps, and of `local_dk`, 800 steps); the frozen pilot's
 exponents (0.12 learned, 1.01 zoomed back) were seen while the measurement was tested, before
@@ -131,7 +140,7 @@ def _conditions(run, pix, sc, ce, levels, adaptive: bool, stages: dict[str, int]
     """Per stage: the unit, and per condition (learned, zoom_back, hand_set_+1/-1) and radius
     statistic the mean over the images at each scale and the exponent; and the mean ERF map of
     the last stage's unit per scale."""
-    from train import erf_scale
+    from studies import erf_scale
 
     conditions: dict = {}
     maps = {}
@@ -182,7 +191,8 @@ def _erf_subset(sources: np.ndarray, n: int) -> np.ndarray:
 def analyse(run_dir: Path, erf_sources: int) -> dict:
     """Accuracy, ERF radii under the three conditions, exponents and the border share of one
     run; cached in `scale_study.json` (mean ERF maps in `scale_erf.npz`)."""
-    from train import erf_scale, visualize
+    from studies import erf_scale
+    from train import visualize
     from train.report import write_json_atomic
 
     cache = run_dir / "scale_study.json"
@@ -232,7 +242,8 @@ def analyse_padded(run_dir: Path, erf_sources: int, pad: int) -> dict:
     `pad` px larger on each side (background pixels), so that wide ERFs are not cut by the
     training canvas's border. The networks are fully convolutional. Cached in
     `scale_study_pad<pad>.json`."""
-    from train import erf_scale, visualize
+    from studies import erf_scale
+    from train import visualize
     from train.report import write_json_atomic
 
     cache = run_dir / f"scale_study_pad{pad}.json"
@@ -262,7 +273,7 @@ def exponent_of(result: dict, condition: str, stage: str = "last", stat: str = "
 
 def e_max_of(result: dict) -> float:
     """The run's ceiling: the largest hand-set exponent of the primary statistic."""
-    from train import erf_scale
+    from studies import erf_scale
 
     stage, stat = PRIMARY
     return max(
@@ -271,14 +282,14 @@ def e_max_of(result: dict) -> float:
 
 
 def positive_ok(result: dict) -> bool:
-    from train import erf_scale
+    from studies import erf_scale
 
     return exponent_of(result, "zoom_back", *PRIMARY) >= erf_scale.POSITIVE_MIN
 
 
 def verdicts(results: dict[str, dict[int, dict]]) -> dict[str, dict]:
     """The decision rule per arm against the baseline (results: arm -> seed -> analysis)."""
-    from train import erf_scale
+    from studies import erf_scale
 
     base = results.get(study_config.BASELINE, {})
     out = {}
@@ -310,7 +321,7 @@ def verdicts(results: dict[str, dict[int, dict]]) -> dict[str, dict]:
 
 
 def _ci(values, fmt="{:.3f}") -> str:
-    from train import erf_scale
+    from studies import erf_scale
 
     v = np.asarray(values, float)
     if len(v) < 2:
@@ -330,7 +341,7 @@ def write_results(
     decided: dict,
     explored: tuple[int, dict, dict] | None = None,
 ) -> None:
-    from train import erf_scale
+    from studies import erf_scale
 
     rel = figures.relative_to(path.parent)
     steps = total_steps(config)
@@ -341,7 +352,7 @@ def write_results(
     lines = [
         "# Results: does the deformable kernels' receptive field follow the object's scale?",
         "",
-        "Written by `make study` (`python -m train.study`) from the runs under "
+        "Written by `make study` (`python -m studies.scale`) from the runs under "
         "`runs/scale_study/`. Data: `digits_scaled` (48x48; each digit's 8x8 scan rendered "
         "into a box of 16*s px with mild affine and elastic deformation; train s log-uniform in "
         f"[0.55, 1.75] with centre jitter; val: every held-out source digit at s in "
@@ -509,7 +520,7 @@ def write_results(
         notes.strip() or "(none yet)",
         NOTES[1],
         "",
-        "Reproduce: `make study` (or `python -m train.study`); finished runs and analyses are "
+        "Reproduce: `make study` (or `python -m studies.scale`); finished runs and analyses are "
         "skipped, so a second invocation only rewrites the report. Per-run wall times: "
         + (", ".join(f"{k} {v:.0f} s" for k, v in walls.items()) or "(all runs were cached)")
         + ".",
@@ -537,7 +548,7 @@ def _explored_section(explored) -> list[str]:
         "e_max | the rule's arithmetic |",
         "|---|---|---|---|---|---|---|",
     ]
-    from train import erf_scale
+    from studies import erf_scale
 
     for arm, by_seed in runs.items():
         rs = list(by_seed.values())
@@ -562,94 +573,36 @@ def _explored_section(explored) -> list[str]:
     return [*lines, ""]
 
 
-def plot_all(results: dict, workdir: Path, figures: Path, erf_sources: int) -> list[Path]:
-    from train import erf_scale, visualize
+def load_study_config(path_or_name: str, overrides=()) -> Config:
+    """`get_config()` of a file, or of studies/configs/<name>.py given a bare name, with
+    `key=value` overrides."""
+    path = Path(path_or_name)
+    if path.suffix != ".py" and not path.exists():
+        path = CONFIGS / f"{path_or_name}.py"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIGS.glob("*.py") if not p.stem.startswith("_"))
+        raise ConfigError(
+            f"config file {str(path)!r} not found (study configs: {', '.join(known)})"
+        )
+    return load_config(str(path), overrides)
 
-    plt = visualize._pyplot()
-    figures.mkdir(parents=True, exist_ok=True)
-    paths = []
-    arms = list(results)
-    levels = next(iter(next(iter(results.values())).values()))["scales"]
 
-    fig, axes = plt.subplots(1, len(arms), figsize=(3.0 * len(arms), 3.0), sharey=True)
-    axes = np.atleast_1d(axes)
-    for ax, arm in zip(axes, arms, strict=True):
-        runs = list(results[arm].values())
-        for condition, style in (
-            ("learned", "o-"),
-            ("zoom_back", "s--"),
-            ("hand_set_+1", "^:"),
-            ("hand_set_-1", "v:"),
-        ):
-            if condition not in runs[0]["stages"]["last"]:
-                continue
-            r50 = np.asarray([r["stages"]["last"][condition]["r50"]["mean"] for r in runs])
-            ax.errorbar(
-                levels, r50.mean(0), yerr=r50.std(0), fmt=style, capsize=2, ms=3, label=condition
-            )
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xticks(levels, [f"{s:g}" for s in levels])
-        ax.set_title(arm, fontsize=9)
-        ax.set_xlabel("object scale s")
-        ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("r50 of the last stage's unit (px)")
-    axes[-1].legend(fontsize=6)
-    fig.suptitle("ERF radius against scale (mean ± std over seeds, log-log)", fontsize=9)
-    paths.append(visualize._save(plt, fig, figures / "erf_vs_scale.png"))
+def prepare_data(config: Config) -> Path:
+    """Writes `digits_scaled` to `data.root` with the config's `digits_scaled` parameters
+    unless it is there already; an error if `data.root` holds anything else."""
+    from studies import digits_scaled
 
-    fig, axes = plt.subplots(
-        len(arms), len(levels), figsize=(1.25 * len(levels), 1.3 * len(arms)), squeeze=False
+    d, root = config.digits_scaled, Path(config.data.root)
+    if not root.exists():
+        log.info("generating digits_scaled in %s (once)", root)
+    return digits_scaled.generate(
+        root, seed=d.seed, train_copies=d.train_copies, size=d.size, limit=d.limit
     )
-    for a, arm in enumerate(arms):
-        seed = min(results[arm])
-        maps = np.load(workdir / run_name(arm, seed) / "scale_erf.npz")["maps"]
-        for b, s in enumerate(levels):
-            ax = axes[a, b]
-            ax.imshow(np.sqrt(maps[b] / maps[b].max()), cmap="magma", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if a == 0:
-                ax.set_title(f"s={s:g}", fontsize=7)
-            if b == 0:
-                ax.set_ylabel(arm, fontsize=7)
-    fig.suptitle(
-        "mean ERF of the last stage's unit at the object centre (sqrt), first seed", fontsize=8
-    )
-    paths.append(visualize._save(plt, fig, figures / "mean_erf.png"))
 
-    # Single digits: three val sources at the smallest, middle and largest scale.
-    shown = [a for a in (study_config.BASELINE, "local_dk") if a in results]
-    picks = (levels[0], levels[len(levels) // 2], levels[-1])
-    fig, axes = plt.subplots(
-        3, len(picks) * len(shown), figsize=(1.4 * len(picks) * len(shown), 4.4), squeeze=False
-    )
-    for r_i, arm in enumerate(shown):
-        run = visualize.load_run(workdir / run_name(arm, min(results[arm])))
-        images, _, scales, centres, sources = erf_scale.load_val(run)
-        first = sorted(set(sources.tolist()))[:3]
-        block = erf_scale.stage_blocks(run)["last"]
-        for p_i, s in enumerate(picks):
-            at = np.isin(sources, first) & (scales == s)
-            erf, r = erf_scale.measure(
-                run, run.variables, images[at].astype(np.float32), scales[at], centres[at], block
-            )
-            for k in range(3):
-                ax = axes[k, p_i * len(shown) + r_i]
-                ax.imshow(images[at][k], cmap="gray", vmin=0, vmax=255)
-                ax.imshow(np.sqrt(erf[k] / erf[k].max()), cmap="magma", alpha=0.6, vmin=0, vmax=1)
-                c = centres[at][k]
-                ax.add_patch(
-                    plt.Circle((c[1], c[0]), r[k, 0], fill=False, color="cyan", linewidth=0.8)
-                )
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if k == 0:
-                    ax.set_title(f"{arm}\ns={s:g}", fontsize=7)
-                ax.set_xlabel(f"r50={r[k, 0]:.1f}", fontsize=6, labelpad=1)
-    fig.suptitle("sqrt ERF of the last stage's unit at the centre; cyan: r50", fontsize=8)
-    paths.append(visualize._save(plt, fig, figures / "erf_digits.png"))
-    return paths
+
+def run_dirs_of(results: dict, workdir: Path) -> dict[str, Path]:
+    """arm -> the run directory of its first seed (the runs the figures draw)."""
+    return {arm: workdir / run_name(arm, min(runs)) for arm, runs in results.items()}
 
 
 def _train_images(config: Config) -> int:
@@ -674,11 +627,11 @@ def read_notes(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m train.study",
+        prog="python -m studies.scale",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", default="digits_scaled_study")
+    p.add_argument("--config", default="scale_study", help="a file or a studies/configs name")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--arms", nargs="+", default=list(study_config.ARMS))
     p.add_argument("--seeds", nargs="+", type=int, default=list(study_config.SEEDS))
@@ -699,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     t0 = time.time()
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_study_config(args.config, args.overrides)
         total_steps(config)
         if args.explore_pad < 0 or args.explore_pad % 8:
             raise ConfigError(
@@ -712,6 +665,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"--arms: unknown {unknown}; choose from {', '.join(study_config.ARMS)}"
             )
         workdir = Path(args.workdir or config.workdir)
+        prepare_data(config)
         # The runs of an arm differ only in their values: later seeds reuse the compilations.
         import jax
 
@@ -742,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
             explored = (args.explore_pad, padded, verdicts(padded))
         docs = Path(args.docs)
         figures = docs / "study"
-        plot_all(results, workdir, figures, args.erf_sources)
+        scale_figures.plot_all(results, run_dirs_of(results, workdir), figures)
         timing = workdir / "study_timing.json"
         if walls:
             study_wall = time.time() - t0
@@ -768,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
             explored,
         )
     except (ConfigError, DatasetError) as e:
-        print(f"train.study: error: {e}", file=sys.stderr)
+        print(f"studies.scale: error: {e}", file=sys.stderr)
         return 2
     log.info("wrote %s in %.1f min", results_md, (time.time() - t0) / 60)
     return 0

@@ -28,7 +28,7 @@ def _params():
 
 
 def _train(freeze, steps=3):
-    optim = load_config("digits_scaled_study").optim
+    optim = load_config("digits_deformed").optim
     optim.freeze = freeze
     tx = tr.create_optimizer(optim, lambda step: 0.1)
     params = _params()
@@ -64,7 +64,7 @@ def test_frozen_mask_matches_path_components_only():
 
 
 def test_bad_freeze_is_rejected():
-    config = load_config("digits_scaled_study")
+    config = load_config("digits_deformed")
     config.optim.freeze = "rotation_conv"
     with pytest.raises(ConfigError, match="optim.freeze"):
         tr.check_config(config)

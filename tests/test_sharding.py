@@ -223,9 +223,9 @@ def free_port() -> int:
 
 # --- two processes on localhost -----------------------------------------------------------
 
+# The runs read a digits_deformed folder of one copy per source digit (`small_digits`).
 SMALL_RUN = [
-    "data.digits_train_copies=1",
-    "data.digits_val_copies=1",
+    "data.generate=''",
     "data.workers=1",
     "model.width=8",
     "model.stage_sizes=(1,1,1)",
@@ -238,6 +238,12 @@ SMALL_RUN = [
     "run.checkpoint_every_steps=2",
     "run.progress=False",
 ]
+
+
+def small_digits(root: Path) -> Path:
+    from train import digits
+
+    return digits.generate(root, train_copies=1, val_copies=1)
 
 
 def train_command(data_root: Path, workdir: Path) -> list[str]:
@@ -319,8 +325,8 @@ def params_err(a, b) -> float:
 def test_two_processes_equal_one_and_resume_after_a_kill(tmp_path):
     import time
 
-    data_root = tmp_path / "digits"
-    # One process with 4 devices (it also writes the dataset the others read).
+    data_root = small_digits(tmp_path / "digits")
+    # One process with 4 devices.
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     out = subprocess.run(

@@ -1,6 +1,6 @@
-"""Claims about the scale study: the digits_scaled generator's scale labels, the controls of the
-ERF measurement (train/erf_scale.py) on toy networks, the decision rule on synthetic inputs,
-and (slow) the runner end to end on a tiny dataset."""
+"""Claims about the scale study (studies/): the digits_scaled generator's scale labels, the
+controls of the ERF measurement (studies/erf_scale.py) on toy networks, the decision rule on
+synthetic inputs, the study's config, and (slow) the runner end to end on a tiny dataset."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from train import digits, erf_scale, models, study, visualize
-from train.config import load_config
+from studies import digits_scaled, erf_scale, scale
+from train import models, visualize
+from train.config import ConfigError
 
 SQUARE = np.full((8, 8), 16.0)
 
@@ -23,7 +24,7 @@ def _side(img: np.ndarray, axis: int) -> int:
 
 @pytest.mark.parametrize("scale", [0.55, 0.6, 0.8, 1.0, 1.25, 1.6, 1.75])
 def test_rendered_box_is_16_s_pixels(scale):
-    img = digits.render_digit(SQUARE, scale, (24.0, 24.0))
+    img = digits_scaled.render_digit(SQUARE, scale, (24.0, 24.0))
     for axis in (0, 1):
         assert abs(_side(img, axis) - 16 * scale) <= 1.0
     rows, cols = np.nonzero(img >= 127.5)
@@ -35,9 +36,9 @@ def test_generated_val_scales_match_their_labels(tmp_path):
     # elastic field preserve area, so the side of the inked square is sqrt(area).
     rng = np.random.default_rng(0)
     source = (np.repeat(SQUARE[None], 10, 0), rng.permutation(10))
-    root = digits.generate_scaled(tmp_path / "ds", train_copies=1, source=source)
+    root = digits_scaled.generate(tmp_path / "ds", train_copies=1, source=source)
     meta = json.loads((root / "dataset.json").read_text())
-    assert sorted({v["scale"] for v in meta["val"].values()}) == list(digits.VAL_SCALES)
+    assert sorted({v["scale"] for v in meta["val"].values()}) == list(digits_scaled.VAL_SCALES)
     from PIL import Image
 
     for name, entry in meta["val"].items():
@@ -46,7 +47,7 @@ def test_generated_val_scales_match_their_labels(tmp_path):
         assert abs(side - 16 * entry["scale"]) <= 1.0, (name, side)
     # Every val source is rendered once at each scale.
     sources = [v["source"] for v in meta["val"].values()]
-    assert all(sources.count(s) == len(digits.VAL_SCALES) for s in set(sources))
+    assert all(sources.count(s) == len(digits_scaled.VAL_SCALES) for s in set(sources))
 
 
 def test_zoom_about_maps_points_about_the_centre():
@@ -61,8 +62,8 @@ def test_zoom_about_maps_points_about_the_centre():
 def _toy_run(conv: str, tmp_path) -> visualize.Run:
     """A small ResNet of the study's geometry with random kernels, every residual branch on
     (the zero-initialised norm scales set to one)."""
-    config = load_config(
-        "digits_scaled_study", ["model.width=4", "model.stage_sizes=(1,1,1)", f"model.conv={conv}"]
+    config = scale.load_study_config(
+        "scale_study", ["model.width=4", "model.stage_sizes=(1,1,1)", f"model.conv={conv}"]
     )
     model = models.create_model(config.model, 10)
     variables = model.init(jax.random.PRNGKey(1), np.zeros((1, 48, 48, 1), np.float32), train=False)
@@ -140,8 +141,17 @@ def test_decision_rule_returns_each_verdict():
     assert mean == pytest.approx(0.0) and low < 0 < high < 0.15
 
 
+def test_the_study_config_carries_its_dataset_parameters():
+    config = scale.load_study_config("scale_study", ["digits_scaled.limit=80"])
+    assert config.data.generate == ""  # the runner writes the data, not train/
+    assert config.digits_scaled.to_dict() == dict(seed=0, train_copies=8, size=48, limit=80)
+    assert config.data.image_size == config.digits_scaled.size == 48
+    with pytest.raises(ConfigError, match="study configs: scale_study"):
+        scale.load_study_config("digits_deformed")
+
+
 def test_a_pad_off_the_last_stage_grid_is_rejected(tmp_path, capsys):
-    assert study.main(["--explore-pad", "12", "--workdir", str(tmp_path)]) == 2
+    assert scale.main(["--explore-pad", "12", "--workdir", str(tmp_path)]) == 2
     assert "--explore-pad must be 0 or a positive multiple of 8" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing was trained
 
@@ -158,10 +168,11 @@ def test_render_at_scale_keeps_the_centre():
 
 @pytest.mark.slow
 def test_study_end_to_end(tmp_path):
-    root = digits.generate_scaled(tmp_path / "data", train_copies=1, limit=80)
+    root = tmp_path / "data"  # written by the runner with the `digits_scaled` overrides
     args = [
         f"--set=data.root={root}",
-        "--set=data.generate=''",
+        "--set=digits_scaled.train_copies=1",
+        "--set=digits_scaled.limit=80",
         "--set=data.workers=0",
         "--set=model.width=4",
         "--set=model.stage_sizes=(1,1,1)",
@@ -184,11 +195,15 @@ def test_study_end_to_end(tmp_path):
         "--docs",
         str(tmp_path),
     ]
-    assert study.main(args) == 0
+    assert scale.main(args) == 0
+    meta = json.loads((root / "dataset.json").read_text())
+    assert meta["name"] == "digits_scaled"
+    assert meta["params"]["train_copies"] == 1 and meta["params"]["limit"] == 80
+    assert meta["images"]["val"] == 16 * len(digits_scaled.VAL_SCALES)  # 20% of 80 sources
     results = (tmp_path / "RESULTS.md").read_text()
     assert "## Decision rule" in results and "**inconclusive**" in results  # one seed
     run = json.loads((tmp_path / "runs" / "local_dk_s0" / "scale_study.json").read_text())
-    assert len(run["top1"]) == len(digits.VAL_SCALES)
+    assert len(run["top1"]) == len(digits_scaled.VAL_SCALES)
     assert {"learned", "zoom_back", "hand_set_+1", "hand_set_-1"} <= set(run["stages"]["last"])
     frozen = json.loads((tmp_path / "runs" / "frozen_s0" / "scale_study.json").read_text())
     assert frozen["params"] == run["params"]
@@ -201,15 +216,15 @@ def test_study_end_to_end(tmp_path):
     summary = tmp_path / "runs" / "frozen_s0" / "summary.json"
     trained_at = summary.stat().st_mtime_ns
     (tmp_path / "RESULTS.md").write_text(results.replace("(none yet)", "A hand-written remark."))
-    assert study.main(args) == 0
+    assert scale.main(args) == 0
     assert "A hand-written remark." in (tmp_path / "RESULTS.md").read_text()
     assert summary.stat().st_mtime_ns == trained_at
 
 
 def test_offset_clip_reaches_the_dcn_layers(tmp_path):
     run = _toy_run("dcn", tmp_path)
-    config = load_config(
-        "digits_scaled_study", ["model.width=4", "model.stage_sizes=(1,1,1)", "model.conv=dcn"]
+    config = scale.load_study_config(
+        "scale_study", ["model.width=4", "model.stage_sizes=(1,1,1)", "model.conv=dcn"]
     )
     assert config.model.offset_clip == (-2.0, 2.0)
     far = erf_scale.hand_set(run, run.variables, 9.0)  # asks for offsets of 8 px at the corners

@@ -167,6 +167,18 @@ def test_an_unknown_config_key_is_an_error_that_suggests_the_right_one():
     assert Config(a=Config(b=1)).a.b == 1
 
 
+def test_data_generate_names_only_the_embedded_dataset():
+    from train import train as tr
+
+    config = load_config("digits_deformed")
+    assert config.data.generate == "digits_deformed"
+    tr.check_config(config)
+    assert not any(key.startswith("digits") for key in config.data)  # no generator keys
+    config.data.generate = "digits_scaled"
+    with pytest.raises(ConfigError, match="data.generate must be '' or 'digits_deformed'"):
+        tr.check_config(config)
+
+
 def test_the_command_line_reports_an_unknown_key_and_exits_2():
     out = subprocess.run(
         [PY, "-m", "train", "--config", "digits_deformed", "--set", "optim.learnig_rate=0.1"],

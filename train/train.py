@@ -281,10 +281,8 @@ def check_config(config: Config) -> None:
         raise ConfigError(f"data.on_corrupt must be 'fatal' or 'skip', got {data.on_corrupt!r}")
     if data.channels not in (1, 3):
         raise ConfigError(f"data.channels must be 1 or 3, got {data.channels!r}")
-    if data.generate not in ("", "digits_deformed", "digits_scaled"):
-        raise ConfigError(
-            f"data.generate must be '', 'digits_deformed' or 'digits_scaled', got {data.generate!r}"
-        )
+    if data.generate not in ("", "digits_deformed"):
+        raise ConfigError(f"data.generate must be '' or 'digits_deformed', got {data.generate!r}")
     if isinstance(optim.freeze, str) or not all(isinstance(n, str) for n in optim.freeze):
         raise ConfigError(f"optim.freeze must be a tuple of parameter names, got {optim.freeze!r}")
     if len(data.mean) < data.channels or len(data.std) < data.channels:
@@ -308,19 +306,12 @@ def check_config(config: Config) -> None:
 def prepare_data(config: Config):
     """Generates the embedded dataset when asked to and missing; returns (train, val) splits."""
     root = Path(config.data.root)
-    if config.data.generate:
+    if config.data.generate == "digits_deformed":
         from train import digits
 
-        data = config.data
         if not root.exists():
-            log.info("generating %s in %s (once)", data.generate, root)
-        common = dict(seed=data.digits_seed, train_copies=data.digits_train_copies)
-        if data.generate == "digits_deformed":
-            digits.generate(
-                root, val_copies=data.digits_val_copies, size=data.digits_size, **common
-            )
-        else:
-            digits.generate_scaled(root, size=data.digits_size, **common)
+            log.info("generating digits_deformed in %s (once)", root)
+        digits.generate(root)
     train_split = input_pipeline.read_split(root, "train")
     val_split = input_pipeline.read_split(
         root, "val", train_split.classes, labels=config.data.val_labels or None

@@ -11,9 +11,10 @@ Writes to --out (default: <checkpoint>/figures):
 - `kernel_positions.png` (runs whose conv is `local_dk` or `dk_dcn`): where the first adaptive
   layer's taps read its scope kernel at a few output locations, per scale.
 
-The model-side helpers (`load_run`, `feature_fn`, `render_at_scale`, `measure_erf`) need no
-plotting package and are shared with `train.study`; matplotlib (the `study` extra) is imported
-only when a figure is drawn.
+The model-side helpers (`load_run`, `feature_fn`, `compiled`, `predict`, `render_at_scale`,
+`measure_erf`, `kernel_positions`) need no plotting package; the scale study (studies/) builds
+on them and on `pyplot` and `save_figure`. matplotlib (the `study` extra) is imported only when
+a figure is drawn.
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ def feature_fn(run: Run, block: str | None = None, variables: dict | None = None
 _COMPILED: dict = {}
 
 
-def _compiled(run: Run, what: str, make, *extra):
+def compiled(run: Run, what: str, make, *extra):
+    """`jax.jit(make())`, built once per (`what`, the run's model config, `extra`) and reused."""
     key = (what, json.dumps(run.config.model.to_dict(), sort_keys=True), *extra)
     if key not in _COMPILED:
         _COMPILED[key] = jax.jit(make())
@@ -208,7 +210,7 @@ def measure_erf(
 
         return erfs_of
 
-    erfs_of = _compiled(run, "erf", make, unit, centre, masses)
+    erfs_of = compiled(run, "erf", make, unit, centre, masses)
 
     maps, radii = [], []
     for start in range(0, len(images), batch):
@@ -230,7 +232,7 @@ def predict(run: Run, images: np.ndarray, batch: int = 256) -> np.ndarray:
 
         return classes_of
 
-    classes_of = _compiled(run, "predict", make)
+    classes_of = compiled(run, "predict", make)
     out = []
     for start in range(0, len(images), batch):
         chunk = images[start : start + batch]
@@ -283,7 +285,8 @@ def kernel_positions(run: Run, images: np.ndarray):
 # --- figures (matplotlib) ----------------------------------------------------------------------
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend; a one-line exit where matplotlib is missing."""
     try:
         import matplotlib
 
@@ -291,12 +294,12 @@ def _pyplot():
         import matplotlib.pyplot as plt
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise SystemExit(
-            "train.visualize needs matplotlib: pip install -e '.[study]' (or make study)"
+            "figures need matplotlib: pip install -e '.[study]' (or make study)"
         ) from e
     return plt
 
 
-def _save(plt, fig, path: str | Path) -> Path:
+def save_figure(plt, fig, path: str | Path) -> Path:
     """Lays out a figure under its suptitle, writes it as a PNG (creating the folder) and
     closes it."""
     fig.tight_layout(pad=0.3, rect=(0, 0, 1, 0.95))
@@ -310,7 +313,7 @@ def _save(plt, fig, path: str | Path) -> Path:
 def erf_figure(runs: list[Run], images: np.ndarray, scales, path: str | Path) -> Path:
     """Rows: images; columns: scales x runs. Each panel: the image in grey, the ERF (normalised
     to its maximum) in colour, the 50%-mass circle and the theoretical receptive field."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import Circle, Rectangle
 
     n, cols = len(images), len(scales) * len(runs)
@@ -356,14 +359,14 @@ def erf_figure(runs: list[Run], images: np.ndarray, scales, path: str | Path) ->
         "sqrt of the ERF of the last stage's centre unit (cyan: radius holding 50% of the mass)",
         fontsize=8,
     )
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def kernel_positions_figure(run: Run, images: np.ndarray, scales, path: str | Path) -> Path | None:
     """Per scale: the image with the probed output locations, then one panel per location
     showing the Kh x Kw taps' sampled positions inside the scope kernel (grid) for every image
     (one colour per image), against the rigid positions (crosses)."""
-    plt = _pyplot()
+    plt = pyplot()
     probe = kernel_positions(run, images[:1])
     if probe is None:
         return None
@@ -407,7 +410,7 @@ def kernel_positions_figure(run: Run, images: np.ndarray, scales, path: str | Pa
             if s == 0:
                 ax.set_title(f"unit {tuple(int(v) for v in probes[p])}", fontsize=7, color=f"C{p}")
     fig.suptitle(f"{run.conv}: sampled scope positions, {first_adaptive_block(run)}", fontsize=8)
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""The scale study (`make study`, `python -m train.study`): does the effective receptive field
+"""The scale study (`make study`, `python -m studies.scale`): does the effective receptive field
 of a deformable layer follow the object's scale? The small ResNet on `digits_scaled` (48x48,
 digits at scales 0.55-1.75), its adaptive stages built with each arm's conv, 5 seeds.
 
@@ -7,10 +7,14 @@ predictor kept at its zero initialisation, a rigid conv with the same parameters
 `local_dk`; the others learn their offsets. For a given seed every arm sees the same images in
 the same order (the data order depends on the seed only).
 
-The runner sets `model.conv`, `optim.freeze`, `seed` and `workdir` per run; everything else
-comes from here. See train/study.py for the budget's pilot and the decision rule.
+The config is train's `digits_deformed` recipe changed for 48x48 digits, plus a
+`digits_scaled` group: the dataset's parameters (studies/digits_scaled.py), with which the
+runner writes it to `data.root` before the first run (`limit`: only the first source digits, for
+tests). The runner sets `model.conv`, `optim.freeze`, `seed` and `workdir` per run; everything
+else comes from here. See studies/scale.py for the decision rule.
 """
 
+from train.config import Config
 from train.configs import digits_deformed
 
 ARMS = {
@@ -25,13 +29,11 @@ SEEDS = (0, 1, 2, 3, 4)
 
 def get_config():
     config = digits_deformed.get_config()
-    config.name = "digits_scaled_study"
+    config.name = "scale_study"
     config.workdir = "runs/scale_study"
     data = config.data
     data.root = "data/digits_scaled"
-    data.generate = "digits_scaled"
-    data.digits_train_copies = 8
-    data.digits_size = 48
+    data.generate = ""  # the runner writes digits_scaled itself
     data.image_size = 48
     data.eval_resize = 48
     data.crop_area = (1.0, 1.0)  # the scale is the variable under study: no zoom augmentation
@@ -60,4 +62,7 @@ def get_config():
     run.checkpoint_every_steps = 800
     run.keep_checkpoints = 1
     run.progress = False
-    return config
+    return Config(
+        **config.to_dict(),
+        digits_scaled=Config(seed=0, train_copies=8, size=48, limit=None),
+    )

@@ -16,7 +16,8 @@ def get_config() -> Config:
         data=Config(
             # root/{train,val}/<class>/<image>.{jpg,jpeg,png}
             root="data/imagenet",
-            # If set and `root` does not exist, build that dataset there first ("digits_deformed").
+            # "digits_deformed": if `root` does not exist, first write the embedded dataset there
+            # (train/digits.py with its defaults). "": use `root` as it is.
             generate="",
             # Train crop side after random-resized-crop; eval: resize shorter side, centre crop.
             image_size=224,
@@ -39,11 +40,6 @@ def get_config() -> Config:
             reduced_decode=True,
             # A corrupt or unreadable image: "fatal" stops the run, "skip" drops it with a warning.
             on_corrupt="fatal",
-            # Only used by `generate="digits_deformed"` (digits_scaled: seed and train copies).
-            digits_seed=0,
-            digits_train_copies=4,
-            digits_val_copies=2,
-            digits_size=32,
         ),
         model=Config(
             arch="resnet50dw",  # resnet50dw | mobilenetv2 | small_resnet
@@ -81,8 +77,8 @@ def get_config() -> Config:
             weight_decay=5e-5,  # on kernels only, not on biases or norm scales
             label_smoothing=0.1,
             # Parameters kept at their initial values: a parameter whose path (module names and
-            # the parameter's name) contains one of these names gets no update. The study's rigid
-            # baseline uses ("rotation_conv",): a local DK layer with its rotation fixed at zero.
+            # the parameter's name) contains one of these names gets no update. ("rotation_conv",)
+            # keeps a local DK layer's rotation at zero: a rigid layer with DK's parameters.
             freeze=(),
         ),
         run=Config(

@@ -1,0 +1,1 @@
+"""Study configs: each file defines `get_config() -> train.config.Config`."""
