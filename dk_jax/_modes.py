@@ -17,8 +17,9 @@ tangent too. So a mode is declared by its form and its slot; from that follow
   - its derivative in a position (the same slot of the form's derivative: `derivative`),
   - and how it is written on the jax.numpy reference (`as_derivative`).
 
-Adding a mode is one `Mode` line (plus its kernel, and its row in DK_TARGETS,
-xla_ffi/dk_targets.h); a new form is one `Form`.
+Adding a mode is one `Mode` line here and one row of DK_MODES in xla_ffi/dk_targets.h (the
+library's list, from which its enum, operand predicates, handlers and target names are
+generated), plus its arithmetic; a new form is one `Form` (and its `dk::Form`).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from dk_jax import _modes
 from dk_jax._modes import FAMILIES
 
 # Every custom-call target the Python primitives lower to, from their declarations.
@@ -50,6 +51,22 @@ def test_the_python_modes_are_the_registered_targets():
     # The names XLA sees carry the interface version (see xla_ffi/dk_targets.h).
     assert _dk_cpu.target_suffix() == "_v2"
     assert sorted(_dk_cpu.registrations()) == sorted(t + "_v2" for t in TARGETS)
+
+
+def test_the_library_declares_each_mode_as_python_does():
+    """Each depthwise and columns target computes, in the library's mode list (DK_MODES), the
+    same slot of the same form as its Python declaration: the operands, loops and kernel
+    weights both sides derive from that pair agree."""
+    from dk_jax import _dk_cpu
+
+    declared = {}
+    for family in (_modes.DK, _modes.COLS):
+        for name, mode in family.modes.items():
+            for deformable in (False, True):
+                if deformable or not family.takes_offset(name):
+                    declared[family.target(name, deformable)] = (mode.form, mode.slot)
+    assert _dk_cpu.modes() == declared
+    assert len(declared) == 42
 
 
 # --- instruction sets ------------------------------------------------------------------------

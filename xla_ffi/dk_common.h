@@ -9,6 +9,7 @@
 
 #include "xla/ffi/api/ffi.h"
 #include "dk_math.h"
+#include "dk_targets.h"
 #include "dk_types.h"
 
 namespace dk {
@@ -21,65 +22,83 @@ namespace ffi = xla::ffi;
 // beta_s the kernel footprint's weight on scope position s. A depthwise forward is
 // sum_s cols[..., s, c] * weight[s, c]; so the columns modes reuse the depthwise arithmetic
 // with the weight rows replaced by the location's rows of columns and the cotangent set to 1.
-enum class Mode : int {
-  kForward,       // (x, [offset], rotation, weight)            -> y
-  kGradImage,     // (gy, [offset], rotation, weight)           -> gx
-  kGradWeight,    // (gy, x, [offset], rotation)                -> gw  (Nw, Sh, Sw, C)
-  kJvpRotation,   // (x, [offset], rotation, weight, drotation) -> dy
-  kGradRotation,  // (gy, x, [offset], rotation, weight)        -> grotation
-  kJvpOffset,     // (x, offset, rotation, weight, doffset)     -> dy
-  kGradOffset,    // (gy, x, offset, rotation, weight)          -> goffset
-  // Second order in rotation. With B the kernel's bilinear read, kJvpRotation is y with B
-  // replaced by dB[t] = dB/du t_u + dB/dv t_v; its derivative in rotation along s is y with B
-  // replaced by d2B/du dv * cross, cross = t_u s_v + t_v s_u (one number per group and tap,
-  // (N, Ho, Wo, G*Kh*Kw)). Each mode below is a mode above with the kernel weights so replaced.
-  kJvpRotationGradImage,   // (gy, [offset], rotation, weight, drotation) -> gx
-  kJvpRotationGradWeight,  // (gy, x, [offset], rotation, drotation)      -> gw
-  kHvpRotation,            // (x, [offset], rotation, weight, cross)      -> dy
-  kHvpRotationGradImage,   // (gy, [offset], rotation, weight, cross)     -> gx
-  kHvpRotationGradWeight,  // (gy, x, [offset], rotation, cross)          -> gw
-  kGradCrossRotation,      // (gy, x, [offset], rotation, weight)         -> gcross
-  kCols,              // (x, [offset], rotation)                -> cols
-  kColsGradImage,     // (gcols, [offset], rotation)            -> gx
-  kColsJvpRotation,   // (x, [offset], rotation, drotation)     -> dcols
-  kColsGradRotation,  // (gcols, x, [offset], rotation)         -> grotation
-  kColsJvpOffset,     // (x, offset, rotation, doffset)         -> dcols
-  kColsGradOffset,    // (gcols, x, offset, rotation)           -> goffset
-  kColsJvpRotationGradImage,  // (gcols, [offset], rotation, drotation) -> gx
-  kColsHvpRotation,           // (x, [offset], rotation, cross)         -> dcols
-  kColsHvpRotationGradImage,  // (gcols, [offset], rotation, cross)     -> gx
-  kColsGradCrossRotation,     // (gcols, x, [offset], rotation)         -> gcross
+// The modes (DK_MODES, dk_targets.h): each computes one slot of a form, in the depthwise family
+// or the columns. Everything a handler needs to know about a mode (its operands, its loop, its
+// kernel weights) is derived here from that triple.
+enum class Form : int { kForward, kJvpRotation, kJvpOffset, kHvpRotation };
+enum class Slot : int { kY, kX, kWeight, kTangent };
+
+#define DK_MODE_ENUM(X, name, ...) name,
+enum class Mode : int { DK_MODES(DK_MODE_ENUM, ) };
+enum class NdMode : int { DK_ND_MODES(DK_MODE_ENUM, ) };
+#undef DK_MODE_ENUM
+
+struct ModeDecl {
+  bool cols;
+  Form form;
+  Slot slot;
 };
 
-DK_HD constexpr bool is_cols(Mode m) { return int(m) >= int(Mode::kCols); }
+#define DK_FAMILY_IS_COLS_dk false
+#define DK_FAMILY_IS_COLS_cols true
 
-// The first-order mode whose loop a mode runs (itself for the first-order modes).
-DK_HD constexpr Mode loop_of(Mode m) {
-  return (m == Mode::kJvpRotationGradImage || m == Mode::kHvpRotationGradImage) ? Mode::kGradImage
-         : (m == Mode::kJvpRotationGradWeight || m == Mode::kHvpRotationGradWeight)
-             ? Mode::kGradWeight
-         : m == Mode::kHvpRotation ? Mode::kForward
-         : (m == Mode::kColsJvpRotationGradImage || m == Mode::kColsHvpRotationGradImage)
-             ? Mode::kColsGradImage
-         : m == Mode::kColsHvpRotation ? Mode::kCols
-                                       : m;
+DK_HD constexpr ModeDecl decl(Mode m) {
+  switch (m) {
+#define DK_MODE_CASE(X, name, family, form, slot, python_name) \
+  case Mode::name:                                             \
+    return {DK_FAMILY_IS_COLS_##family, Form::form, Slot::slot};
+    DK_MODES(DK_MODE_CASE, )
+#undef DK_MODE_CASE
+  }
+  return {false, Form::kForward, Slot::kY};
 }
 
+#define DK_MODE_COUNT(...) +1
+constexpr int kModeCount = 0 DK_MODES(DK_MODE_COUNT, );
+#undef DK_MODE_COUNT
+
+// The mode computing `slot` of `form` in a family (the list has it for every use below).
+DK_HD constexpr Mode mode_of(bool cols, Form form, Slot slot) {
+  for (int i = 0; i < kModeCount; ++i) {
+    const ModeDecl d = decl(Mode(i));
+    if (d.cols == cols && d.form == form && d.slot == slot) return Mode(i);
+  }
+  return Mode::kForward;
+}
+
+// The names Python gives forms and slots (dk_jax/_modes.py), for the check that both sides
+// declare the same modes.
+DK_HD constexpr const char* form_name(Form f) {
+  return f == Form::kForward        ? "forward"
+         : f == Form::kJvpRotation  ? "jvp_rotation"
+         : f == Form::kJvpOffset    ? "jvp_offset"
+                                    : "hvp_rotation";
+}
+DK_HD constexpr const char* slot_name(Slot s) {
+  return s == Slot::kY ? "y" : s == Slot::kX ? "x" : s == Slot::kWeight ? "weight" : "tangent";
+}
+
+DK_HD constexpr bool is_cols(Mode m) { return decl(m).cols; }
+
 // Which kernel weights the loop of a mode uses: 0 the bilinear weights, 1 their derivative
-// along the rotation tangent, 2 their cross second derivative times the cross tangent.
+// along the rotation tangent (the linear slots of jvp_rotation), 2 their cross second
+// derivative times the cross tangent (every slot of hvp_rotation but the tangent's).
 DK_HD constexpr int kernel_order(Mode m) {
-  return (m == Mode::kJvpRotationGradImage || m == Mode::kJvpRotationGradWeight ||
-          m == Mode::kColsJvpRotationGradImage)
-             ? 1
-         : (m == Mode::kHvpRotation || m == Mode::kHvpRotationGradImage ||
-            m == Mode::kHvpRotationGradWeight || m == Mode::kColsHvpRotation ||
-            m == Mode::kColsHvpRotationGradImage)
-             ? 2
-             : 0;
+  const ModeDecl d = decl(m);
+  const bool linear = d.slot == Slot::kX || d.slot == Slot::kWeight;
+  return (d.form == Form::kJvpRotation && linear)                     ? 1
+         : (d.form == Form::kHvpRotation && d.slot != Slot::kTangent) ? 2
+                                                                      : 0;
+}
+
+// The first-order mode whose loop a mode runs: the forward's same slot when only the kernel
+// weights differ, itself otherwise.
+DK_HD constexpr Mode loop_of(Mode m) {
+  return kernel_order(m) > 0 ? mode_of(decl(m).cols, Form::kForward, decl(m).slot) : m;
 }
 
 DK_HD constexpr bool is_grad_cross(Mode m) {
-  return m == Mode::kGradCrossRotation || m == Mode::kColsGradCrossRotation;
+  return decl(m).form == Form::kHvpRotation && decl(m).slot == Slot::kTangent;
 }
 
 // Replaces a kernel footprint's weights by those the loop of mode M uses (kernel_order):
@@ -96,36 +115,25 @@ DK_HD void use_order_weights(Footprint<F>& kf, const T* tan, int64_t gt) {
   }
 }
 
-// Elements of a location's tangent operand: rotation tangents (G*taps*2), cross tangents
-// (G*taps) or offset tangents (taps*2).
+// Elements of a location's tangent operand, by the form's tangent: rotation tangents
+// (G*taps*2), offset tangents (taps*2) or cross tangents (G*taps).
 DK_HD constexpr int64_t tangent_stride(Mode m, int64_t G, int64_t taps) {
-  return kernel_order(m) == 2                                              ? G * taps
-         : (m == Mode::kJvpOffset || m == Mode::kColsJvpOffset)           ? taps * 2
-                                                                          : G * taps * 2;
+  return decl(m).form == Form::kHvpRotation  ? G * taps
+         : decl(m).form == Form::kJvpOffset ? taps * 2
+                                             : G * taps * 2;
 }
 
 // Columns modes whose result is columns (accumulated per location, scope row by scope row).
-DK_HD constexpr bool writes_cols(Mode m) {
-  return loop_of(m) == Mode::kCols || m == Mode::kColsJvpRotation || m == Mode::kColsJvpOffset;
-}
+DK_HD constexpr bool writes_cols(Mode m) { return is_cols(m) && decl(m).slot == Slot::kY; }
 
-// Arguments always come in the order cot, x, offset, rotation, weight, tangent; each mode takes
-// the subset below (offset only for the deformable ops).
-DK_HD constexpr bool takes_cot(Mode m) {
-  return loop_of(m) == Mode::kGradImage || loop_of(m) == Mode::kGradWeight ||
-         m == Mode::kGradRotation || m == Mode::kGradOffset || is_grad_cross(m) ||
-         loop_of(m) == Mode::kColsGradImage || m == Mode::kColsGradRotation ||
-         m == Mode::kColsGradOffset;
-}
-DK_HD constexpr bool takes_x(Mode m) {
-  return loop_of(m) != Mode::kGradImage && loop_of(m) != Mode::kColsGradImage;
-}
-DK_HD constexpr bool takes_weight(Mode m) {
-  return loop_of(m) != Mode::kGradWeight && !is_cols(m);
-}
+// Arguments always come in the order cot, x, offset, rotation, weight, tangent; a mode takes
+// every slot of its form but its own (the cotangent standing for y), the positions (offset only
+// for the deformable ops), and the weight only in the depthwise family.
+DK_HD constexpr bool takes_cot(Mode m) { return decl(m).slot != Slot::kY; }
+DK_HD constexpr bool takes_x(Mode m) { return decl(m).slot != Slot::kX; }
+DK_HD constexpr bool takes_weight(Mode m) { return !is_cols(m) && decl(m).slot != Slot::kWeight; }
 DK_HD constexpr bool takes_tangent(Mode m) {
-  return m == Mode::kJvpRotation || m == Mode::kJvpOffset || m == Mode::kColsJvpRotation ||
-         m == Mode::kColsJvpOffset || kernel_order(m) > 0;
+  return decl(m).form != Form::kForward && decl(m).slot != Slot::kTangent;
 }
 
 template <typename T>

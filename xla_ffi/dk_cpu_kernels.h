@@ -24,8 +24,6 @@
 
 namespace dk {
 
-enum class NdMode { kForward, kGradData, kJvpCoord, kGradCoord };
-
 // The buffers of one nd_linear_sample call, in the roles the loops read them: `lhs` is the data
 // (forward, JVP, grad coord) or the output cotangent (grad data); `tangent` the coordinate
 // tangent (JVP) or the output cotangent (grad coord).

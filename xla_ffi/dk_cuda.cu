@@ -421,18 +421,21 @@ ffi::Error dk_launch(cudaStream_t stream, ffi::ScratchAllocator& scratch, const 
       }
     }
     const size_t tile_bytes = size_t(kLocs * taps * (1 + p.G)) * sizeof(CompactFootprint<F>);
-    bool v2_ran = false;  // the opt-in v2 scatter of the DK+DCN image gradient (dk_cuda_v2.cuh)
+    // The opt-in v2 scatter of the DK+DCN image gradient (dk_cuda_v2.cuh) runs instead of the
+    // location kernel where it applies.
+    bool launched = false;
     if constexpr (std::is_same<F, float>::value) {
-      v2_ran = locations > 0 && M == Mode::kGradImage && kDeform && v2::requested() &&
-               v2::try_launch_deform_grad_image(stream, p, A, grad_image);
+      launched = locations > 0 && M == Mode::kGradImage && kDeform && v2::requested() &&
+                 v2::try_launch_deform_grad_image(stream, p, A, grad_image);
     }
-    if (v2_ran) {
-    } else if (locations > 0 && M == Mode::kForward && tile_bytes <= kMaxTableBytes) {
-      forward_tile_kernel<kDeform, T><<<unsigned(ceil_div(locations, kLocs)), dim3(32, kLocs),
-                                        tile_bytes, stream>>>(p, A, zero_row);
-    } else if (locations > 0) {
-      location_kernel<M, kDeform, T><<<unsigned(locations), threads, table_bytes, stream>>>(
-          p, A, zero_row, grad_image, kernel_table);
+    if (!launched && locations > 0) {
+      if (M == Mode::kForward && tile_bytes <= kMaxTableBytes) {
+        forward_tile_kernel<kDeform, T><<<unsigned(ceil_div(locations, kLocs)), dim3(32, kLocs),
+                                          tile_bytes, stream>>>(p, A, zero_row);
+      } else {
+        location_kernel<M, kDeform, T><<<unsigned(locations), threads, table_bytes, stream>>>(
+            p, A, zero_row, grad_image, kernel_table);
+      }
     }
     if (scatter && !std::is_same<T, F>::value && out_elements > 0) {
       store_kernel<T><<<unsigned(ceil_div(out_elements, 256)), 256, 0, stream>>>(
@@ -517,8 +520,6 @@ ffi::Error dk_cuda_handler(cudaStream_t stream, ffi::ScratchAllocator scratch,
 
 // ------------------------------------------------------------------------------------------
 // nd_linear_sample
-
-enum class NdMode { kForward, kGradData, kJvpCoord, kGradCoord };
 
 // Forward / JVP: one thread per (point, channel); grad data: the same, scattering.
 template <NdMode M, typename T>

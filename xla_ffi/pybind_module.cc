@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "dk_common.h"
 #include "dk_targets.h"
 #if !defined(DK_PLATFORM_CUDA)
 #include <pybind11/stl.h>
@@ -38,6 +39,19 @@ PYBIND11_MODULE(DK_MODULE, m) {
       py::capsule(reinterpret_cast<void*>(&DK_SUFFIX(name)), "xla._CUSTOM_CALL_TARGET");
     DK_TARGETS(DK_ENTRY)
 #undef DK_ENTRY
+    return d;
+  });
+  // The (form, slot) each depthwise and columns target computes, from DK_MODES (dk_common.h),
+  // so a test can check that the Python declarations (dk_jax/_modes.py) say the same.
+  m.def("modes", []() {
+    py::dict d;
+#define DK_MODE_ENTRY_dk(name, mode)                                      \
+  d[#name] = py::make_tuple(dk::form_name(dk::decl(dk::Mode::mode).form), \
+                            dk::slot_name(dk::decl(dk::Mode::mode).slot));
+#define DK_MODE_ENTRY_nd(name, mode)
+#define DK_MODE_ENTRY(name, family, mode, deform) DK_MODE_ENTRY_##family(name, mode)
+    DK_TARGETS(DK_MODE_ENTRY)
+#undef DK_MODE_ENTRY
     return d;
   });
 #if !defined(DK_PLATFORM_CUDA)
