@@ -267,14 +267,27 @@ class MobileNetV2(nn.Module):
         return jnp.asarray(x, jnp.float32)
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def check_model_config(model_config) -> None:
+    """Rejects a `config.model` group naming an unknown architecture, conv or dtype (ValueError
+    naming the key); the one check of these keys, made by train.check_config before any work
+    and by create_model."""
+    mc = model_config
+    if mc.arch not in ARCHS:
+        raise ValueError(f"model.arch={mc.arch!r} is not one of {', '.join(ARCHS)}")
+    if mc.conv not in CONVS:
+        raise ValueError(f"model.conv={mc.conv!r} is not one of {', '.join(CONVS)}")
+    if mc.dtype not in DTYPES:
+        raise ValueError(f"model.dtype={mc.dtype!r} must be 'float32' or 'bfloat16'")
+
+
 def create_model(model_config, num_classes: int) -> nn.Module:
     """The network a `config.model` group describes."""
     mc = model_config
-    if mc.conv not in CONVS:
-        raise ValueError(f"model.conv={mc.conv!r} is not one of {', '.join(CONVS)}")
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(mc.dtype)
-    if dtype is None:
-        raise ValueError(f"model.dtype={mc.dtype!r} must be 'float32' or 'bfloat16'")
+    check_model_config(mc)
+    dtype = DTYPES[mc.dtype]
     opts = dict(
         scope_size=mc.scope_size,
         rotation_groups=mc.rotation_groups,
@@ -300,9 +313,8 @@ def create_model(model_config, num_classes: int) -> nn.Module:
             stem_stride=mc.stem_stride,
             **common,
         )
-    if mc.arch == "mobilenetv2":
-        return MobileNetV2(width_multiplier=mc.width_multiplier, **common)
-    raise ValueError(f"model.arch={mc.arch!r} is not one of {', '.join(ARCHS)}")
+    assert mc.arch == "mobilenetv2", mc.arch  # check_model_config knows no other
+    return MobileNetV2(width_multiplier=mc.width_multiplier, **common)
 
 
 def count_parameters(model: nn.Module, image_shape=(224, 224, 3)) -> int:

@@ -18,6 +18,7 @@ run ends (on one platform and device count).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -289,18 +290,10 @@ def check_config(config: Config) -> None:
         raise ConfigError("data.mean and data.std need one value per channel")
     if optim.batch_size < 1:
         raise ConfigError(f"optim.batch_size must be positive, got {optim.batch_size}")
-    if config.model.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(
-            f"model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}"
-        )
-    if config.model.conv not in models.CONVS:
-        raise ConfigError(
-            f"model.conv={config.model.conv!r} is not one of {', '.join(models.CONVS)}"
-        )
-    if config.model.arch not in models.ARCHS:
-        raise ConfigError(
-            f"model.arch={config.model.arch!r} is not one of {', '.join(models.ARCHS)}"
-        )
+    try:
+        models.check_model_config(config.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def prepare_data(config: Config):
@@ -389,22 +382,37 @@ def _eval_batch_size(config: Config, mesh: Mesh) -> int:
     return -(-b // mesh.size) * mesh.size
 
 
-def train_and_evaluate(config: Config, workdir: str | Path | None = None) -> dict:
-    """Trains (resuming from workdir/checkpoints if there is one), evaluates, and writes
-    metrics.jsonl, curves.png and summary.json to the workdir; returns the summary."""
-    t_start = time.time()
-    check_config(config)
-    workdir = Path(workdir or config.workdir)
-    is_main = jax.process_index() == 0
-    workdir.mkdir(parents=True, exist_ok=True)
+@dataclasses.dataclass
+class Run:
+    """What a run is made of before its first step: the data, the schedule, the model and its
+    optimiser, and the state (restored from the last checkpoint, or new)."""
+
+    config: Config
+    workdir: Path
+    mesh: Mesh
+    train_split: Any
+    val_split: Any
+    num_classes: int
+    steps_per_epoch: int
+    total_steps: int
+    learning_rate_fn: Any
+    checkpoints: Checkpoints
+    state: TrainState
+    start_step: int
+    resumed_from: int | None
+    n_params: int
+
+
+def setup_run(config: Config, workdir: Path) -> Run:
+    """Checks what can only be checked against the devices and the data, builds the model and
+    optimiser, and restores the state from workdir/checkpoints (or creates it)."""
     mesh = create_mesh()
-    data, optim, run = config.data, config.optim, config.run
+    optim, run = config.optim, config.run
     if optim.batch_size % mesh.size or optim.batch_size % jax.process_count():
         raise ConfigError(
             f"optim.batch_size={optim.batch_size} must be divisible by the number of devices "
             f"({mesh.size}) and of processes ({jax.process_count()})"
         )
-
     train_split, val_split = prepare_data(config)
     num_classes = num_classes_of(config, train_split.classes)
     steps_per_epoch = len(train_split) // optim.batch_size
@@ -414,14 +422,12 @@ def train_and_evaluate(config: Config, workdir: str | Path | None = None) -> dic
             f"(optim.batch_size={optim.batch_size})"
         )
     total_steps = optim.num_steps or max(1, int(math.ceil(optim.num_epochs * steps_per_epoch)))
-    eval_every = run.eval_every_steps or steps_per_epoch
 
     model = models.create_model(config.model, num_classes)
     learning_rate_fn = create_learning_rate_fn(optim, steps_per_epoch, total_steps)
     tx = create_optimizer(optim, learning_rate_fn)
-    image_shape = (data.image_size, data.image_size, data.channels)
+    image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     rng = jax.random.PRNGKey(config.seed)
-
     checkpoints = Checkpoints(
         workdir / "checkpoints", every=run.checkpoint_every_steps, keep=run.keep_checkpoints
     )
@@ -432,42 +438,202 @@ def train_and_evaluate(config: Config, workdir: str | Path | None = None) -> dic
         log.info("resumed from %s at step %d", checkpoints.directory, resumed_from)
     else:
         state = create_train_state(rng, model, image_shape, tx, mesh)
-    start_step = int(jax.device_get(state.step))
-    n_params = count_params(state.params)
     if optim.freeze and not any(jax.tree.leaves(frozen_mask(state.params, optim.freeze))):
         raise ConfigError(f"optim.freeze={optim.freeze!r} names no parameter of this model")
-    if is_main:
-        report.write_json_atomic(workdir / "config.json", config.to_dict())
-    metrics_log = report.MetricsLog(
-        workdir, resume_step=start_step, enabled=is_main, tensorboard=run.tensorboard
+    return Run(
+        config=config,
+        workdir=workdir,
+        mesh=mesh,
+        train_split=train_split,
+        val_split=val_split,
+        num_classes=num_classes,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        learning_rate_fn=learning_rate_fn,
+        checkpoints=checkpoints,
+        state=state,
+        start_step=int(jax.device_get(state.step)),
+        resumed_from=resumed_from,
+        n_params=count_params(state.params),
     )
 
-    p_train, p_eval = compile_steps(mesh, learning_rate_fn, config)
-    train_aug, eval_aug = augmentations(data)
-    eval_batch = _eval_batch_size(config, mesh)
+
+# The periodic actions of the loop, after flax's examples (clu's periodic_actions): each is
+# called after every step and acts when its step comes.
+
+
+class FiniteCheck:
+    """Before a step's progress is logged or its state saved, checks that every train loss since
+    the last check, and the state to be saved, are finite (check_finite)."""
+
+    def __init__(self, checkpoints: Checkpoints):
+        self.checkpoints = checkpoints
+        self.unchecked: list[dict] = []
+
+    def __call__(self, step: int, state, metrics: dict, *, logging_now: bool, saving: bool):
+        self.unchecked.append(metrics)
+        if saving or logging_now:
+            first = step - len(self.unchecked) + 1
+            last = self.checkpoints.latest_step()
+            check_finite(self.unchecked, first, state if saving else None, last)
+            self.unchecked = []
+
+
+class TrainLog:
+    """Every `run.log_every_steps` steps and at the last: the mean train metrics since the last
+    line, with images/s over the training steps only (time spent evaluating is left out)."""
+
+    def __init__(self, run: Run, metrics_log: report.MetricsLog, bar):
+        self.every = run.config.run.log_every_steps
+        self.last = run.total_steps
+        self.steps_per_epoch = run.steps_per_epoch
+        self.batch_size = run.config.optim.batch_size
+        self.metrics_log, self.bar = metrics_log, bar
+        self.pending: list[dict] = []
+        self.t_start, self.paused = time.time(), 0.0
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.last
+
+    def pause(self, seconds: float) -> None:
+        self.paused += seconds
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        self.pending.append(metrics)
+        if not self.due(step):
+            return
+        event = {
+            k: float(np.mean([m[k] for m in jax.device_get(self.pending)])) for k in self.pending[0]
+        }
+        elapsed = time.time() - self.t_start - self.paused
+        event.update(
+            step=step,
+            epoch=step / self.steps_per_epoch,
+            images_per_s=len(self.pending) * self.batch_size / max(elapsed, 1e-9),
+        )
+        self.metrics_log.write(event)
+        self.bar.set_postfix(
+            {
+                "img/s": f"{event['images_per_s']:.0f}",
+                "loss": f"{event['train_loss']:.3f}",
+                "lr": f"{event['learning_rate']:.3g}",
+            }
+        )
+        self.pending, self.t_start, self.paused = [], time.time(), 0.0
+
+
+class Evaluation:
+    """Every `run.eval_every_steps` steps (0: once per epoch) and at the last: one pass over the
+    val split, logged; returns the time it took."""
+
+    def __init__(self, run: Run, evaluate_now, metrics_log: report.MetricsLog, bar, is_main):
+        self.every = run.config.run.eval_every_steps or run.steps_per_epoch
+        self.last = run.total_steps
+        self.steps_per_epoch = run.steps_per_epoch
+        self.evaluate_now, self.metrics_log, self.bar = evaluate_now, metrics_log, bar
+        self.is_main = is_main
+        self.latest: dict = {}
+
+    def __call__(self, step: int, state) -> float:
+        if step % self.every and step != self.last:
+            return 0.0
+        t_eval = time.time()
+        self.latest = val = self.evaluate_now(state)
+        self.metrics_log.write({"step": step, "epoch": step / self.steps_per_epoch, **val})
+        if self.is_main:
+            self.bar.write(
+                f"step {step}: val top-1 {val['val_top1']:.4f}, "
+                f"top-5 {val['val_top5']:.4f}, loss {val['val_loss']:.4f}"
+            )
+        return time.time() - t_eval
+
+
+def _describe(run: Run) -> None:
+    config, optim = run.config, run.config.optim
     log.info(
         "%s: %s/%s, %d params, %d train / %d val images, %d classes, %d steps "
         "(%d per epoch), %d devices, peak lr %.4g (%.4g per 256 images)",
         config.name,
         config.model.arch,
         config.model.conv,
-        n_params,
-        len(train_split),
-        len(val_split),
-        num_classes,
-        total_steps,
-        steps_per_epoch,
-        mesh.size,
+        run.n_params,
+        len(run.train_split),
+        len(run.val_split),
+        run.num_classes,
+        run.total_steps,
+        run.steps_per_epoch,
+        run.mesh.size,
         peak_learning_rate(optim),
         optim.learning_rate,
     )
 
-    val = {}
+
+def _summarise(run: Run, state, val: dict, t_train: float, t_start: float, is_main: bool):
+    config = run.config
+    summary = {
+        "config": config.name,
+        "arch": config.model.arch,
+        "conv": config.model.conv,
+        "val_top1": val["val_top1"],
+        "val_top5": val["val_top5"],
+        "val_loss": val["val_loss"],
+        "val_images": val["val_images"],
+        "steps": run.total_steps,
+        "resumed_from": run.resumed_from,
+        "steps_this_run": run.total_steps - run.start_step,
+        "train_s": t_train,
+        "wall_s": time.time() - t_start,
+        "params": run.n_params,
+        "params_sha256": params_digest(state.params),
+        "devices": run.mesh.size,
+        "batch_size": config.optim.batch_size,
+        "workdir": str(run.workdir),
+    }
+    if is_main:
+        report.write_json_atomic(run.workdir / "summary.json", summary)
+        report.plot_curves(
+            report.read_metrics(run.workdir / "metrics.jsonl"),
+            run.workdir / "curves.png",
+            title=f"{config.name}: {config.model.arch} / {config.model.conv}",
+        )
+        print(
+            json.dumps(
+                {k: summary[k] for k in ("config", "val_top1", "val_top5", "steps", "wall_s")}
+            )
+        )
+    return summary
+
+
+def train_and_evaluate(config: Config, workdir: str | Path | None = None) -> dict:
+    """Trains (resuming from workdir/checkpoints if there is one), evaluates, and writes
+    metrics.jsonl, curves.png and summary.json to the workdir; returns the summary.
+
+    The steps: check the config, set the run up (setup_run), then the loop, where after each
+    train step the periodic actions run (FiniteCheck, TrainLog, Evaluation, the checkpoint),
+    then the summary."""
+    t_start = time.time()
+    check_config(config)
+    workdir = Path(workdir or config.workdir)
+    is_main = jax.process_index() == 0
+    workdir.mkdir(parents=True, exist_ok=True)
+    run = setup_run(config, workdir)
+    data, optim = config.data, config.optim
+    state, total_steps, checkpoints = run.state, run.total_steps, run.checkpoints
+    if is_main:
+        report.write_json_atomic(workdir / "config.json", config.to_dict())
+    metrics_log = report.MetricsLog(
+        workdir, resume_step=run.start_step, enabled=is_main, tensorboard=config.run.tensorboard
+    )
+    p_train, p_eval = compile_steps(run.mesh, run.learning_rate_fn, config)
+    train_aug, eval_aug = augmentations(data)
+    eval_batch = _eval_batch_size(config, run.mesh)
+    _describe(run)
+
     t_loop = time.time()
     val_batches = input_pipeline.eval_iterator(
-        val_split,
+        run.val_split,
         eval_aug,
-        mesh,
+        run.mesh,
         global_batch=eval_batch,
         workers=data.workers,
         prefetch=data.prefetch,
@@ -477,14 +643,14 @@ def train_and_evaluate(config: Config, workdir: str | Path | None = None) -> dic
         evaluate,
         p_eval,
         batches=val_batches,
-        num_batches=input_pipeline.num_eval_batches(val_split, eval_batch),
+        num_batches=input_pipeline.num_eval_batches(run.val_split, eval_batch),
     )
     batches = input_pipeline.train_iterator(
-        train_split,
+        run.train_split,
         train_aug,
-        mesh,
+        run.mesh,
         seed=config.seed,
-        start_step=start_step,
+        start_step=run.start_step,
         num_steps=total_steps,
         global_batch=optim.batch_size,
         workers=data.workers,
@@ -492,12 +658,15 @@ def train_and_evaluate(config: Config, workdir: str | Path | None = None) -> dic
     )
     bar = tqdm(
         total=total_steps,
-        initial=start_step,
+        initial=run.start_step,
         desc=config.name,
         unit="step",
-        disable=not (run.progress and is_main),
+        disable=not (config.run.progress and is_main),
         dynamic_ncols=True,
     )
+    finite = FiniteCheck(checkpoints)
+    train_log = TrainLog(run, metrics_log, bar)
+    evaluation = Evaluation(run, evaluate_now, metrics_log, bar, is_main)
     # The finally clauses stop grain's workers and let a checkpoint being written finish,
     # also when the loop raises (a non-finite loss, a dead worker).
     with (
@@ -507,93 +676,20 @@ def train_and_evaluate(config: Config, workdir: str | Path | None = None) -> dic
     ):
         cleanup.callback(checkpoints.close)
         cleanup.callback(checkpoints.wait)
-        pending, t_log, n_log, t_paused = [], time.time(), 0, 0.0
-        unchecked: list[dict] = []
-        for step in range(start_step + 1, total_steps + 1):
-            batch = next(batches)
-            state, metrics = p_train(state, batch)
-            pending.append(metrics)
-            unchecked.append(metrics)
-            n_log += 1
+        for step in range(run.start_step + 1, total_steps + 1):
+            state, metrics = p_train(state, next(batches))
             bar.update(1)
             saving = step == total_steps or checkpoints.due(step)
-            if saving or step % run.log_every_steps == 0:
-                # Nothing non-finite may be logged as progress or saved as the last good state.
-                check_finite(
-                    unchecked,
-                    step - len(unchecked) + 1,
-                    state if saving else None,
-                    checkpoints.latest_step(),
-                )
-                unchecked = []
-            if step % run.log_every_steps == 0 or step == total_steps:
-                event = {
-                    k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]
-                }
-                elapsed = time.time() - t_log - t_paused
-                event.update(
-                    step=step,
-                    epoch=step / steps_per_epoch,
-                    images_per_s=n_log * optim.batch_size / max(elapsed, 1e-9),
-                )
-                metrics_log.write(event)
-                bar.set_postfix(
-                    {
-                        "img/s": f"{event['images_per_s']:.0f}",
-                        "loss": f"{event['train_loss']:.3f}",
-                        "lr": f"{event['learning_rate']:.3g}",
-                    }
-                )
-                pending, t_log, n_log, t_paused = [], time.time(), 0, 0.0
-            if step % eval_every == 0 or step == total_steps:
-                t_eval = time.time()
-                val = evaluate_now(state)
-                metrics_log.write({"step": step, "epoch": step / steps_per_epoch, **val})
-                if is_main:
-                    bar.write(
-                        f"step {step}: val top-1 {val['val_top1']:.4f}, "
-                        f"top-5 {val['val_top5']:.4f}, loss {val['val_loss']:.4f}"
-                    )
-                t_paused += time.time() - t_eval  # images/s counts training steps only
-            meta = {"step": step, "epoch": step / steps_per_epoch, "config": config.name}
+            # Nothing non-finite may be logged as progress or saved as the last good state.
+            finite(step, state, metrics, logging_now=train_log.due(step), saving=saving)
+            train_log(step, metrics)
+            train_log.pause(evaluation(step, state))
+            meta = {"step": step, "epoch": step / run.steps_per_epoch, "config": config.name}
             checkpoints.save(step, state, meta, force=step == total_steps)
         bar.close()
-        if not val:  # nothing left to train: the run had already finished
-            val = evaluate_now(state)
+        val = evaluation.latest or evaluate_now(state)  # already finished: evaluate once
         t_train = time.time() - t_loop
-        if start_step == total_steps and checkpoints.latest_step() != total_steps:
+        if run.start_step == total_steps and checkpoints.latest_step() != total_steps:
             checkpoints.save(total_steps, state, {"step": total_steps}, force=True)
     metrics_log.close()
-
-    summary = {
-        "config": config.name,
-        "arch": config.model.arch,
-        "conv": config.model.conv,
-        "val_top1": val["val_top1"],
-        "val_top5": val["val_top5"],
-        "val_loss": val["val_loss"],
-        "val_images": val["val_images"],
-        "steps": total_steps,
-        "resumed_from": resumed_from,
-        "steps_this_run": total_steps - start_step,
-        "train_s": t_train,
-        "wall_s": time.time() - t_start,
-        "params": n_params,
-        "params_sha256": params_digest(state.params),
-        "devices": mesh.size,
-        "batch_size": optim.batch_size,
-        "workdir": str(workdir),
-    }
-    if is_main:
-        report.write_json_atomic(workdir / "summary.json", summary)
-        report.plot_curves(
-            report.read_metrics(workdir / "metrics.jsonl"),
-            workdir / "curves.png",
-            title=f"{config.name}: {config.model.arch} / {config.model.conv}",
-        )
-        print(
-            json.dumps(
-                {k: summary[k] for k in ("config", "val_top1", "val_top5", "steps", "wall_s")}
-            )
-        )
-    return summary
+    return _summarise(run, state, val, t_train, t_start, is_main)
