@@ -6,7 +6,8 @@ Layout, after flax's examples/imagenet:
     main.py            command line: config file + overrides -> train.train_and_evaluate
     config.py          the plain config object, file loading, `key=value` overrides
     configs/*.py       one `get_config()` per experiment (default.py lists every key)
-    train.py           create_train_state, train_step, eval_step, train_and_evaluate
+    train.py           create_train_state, train_step, eval_step, check_config; setup_run,
+                       the loop's periodic actions and train_and_evaluate, which runs them
     input_pipeline.py  the ImageNet-layout folder -> grain -> sharded device batches
     images.py          decoding and augmentation, run in grain's worker processes
     digits.py          generates the embedded `digits_deformed` dataset

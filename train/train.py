@@ -440,22 +440,10 @@ def setup_run(config: Config, workdir: Path) -> Run:
         state = create_train_state(rng, model, image_shape, tx, mesh)
     if optim.freeze and not any(jax.tree.leaves(frozen_mask(state.params, optim.freeze))):
         raise ConfigError(f"optim.freeze={optim.freeze!r} names no parameter of this model")
-    return Run(
-        config=config,
-        workdir=workdir,
-        mesh=mesh,
-        train_split=train_split,
-        val_split=val_split,
-        num_classes=num_classes,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        learning_rate_fn=learning_rate_fn,
-        checkpoints=checkpoints,
-        state=state,
-        start_step=int(jax.device_get(state.step)),
-        resumed_from=resumed_from,
-        n_params=count_params(state.params),
-    )
+    start_step = int(jax.device_get(state.step))
+    return Run(config, workdir, mesh, train_split, val_split, num_classes, steps_per_epoch,
+               total_steps, learning_rate_fn, checkpoints, state, start_step, resumed_from,
+               count_params(state.params))  # fmt: skip
 
 
 # The periodic actions of the loop, after flax's examples (clu's periodic_actions): each is
