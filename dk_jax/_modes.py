@@ -30,8 +30,9 @@ from typing import NamedTuple
 
 class Geometry(NamedTuple):
     """The static geometry of a depthwise or columns call, filled in one place
-    (`ops._geometry`) and passed to the custom call as one named attribute per field (read by
-    `dk::Geometry` in xla_ffi/dk_common.h). The scope is the columns' (0 for the depthwise ops,
+    (`ops._depthwise_geometry`, and `ops._cols_geometry` for the scope) and passed to the
+    custom call as one named attribute per field (read by `dk::Geometry` in
+    xla_ffi/dk_common.h). The scope is the columns' (0 for the depthwise ops,
     whose weight has it)."""
 
     kernel_h: int
@@ -45,6 +46,9 @@ class Geometry(NamedTuple):
     rotation_groups: int
     scope_h: int = 0
     scope_w: int = 0
+
+    def scope(self) -> tuple[int, int]:
+        return (self.scope_h, self.scope_w)
 
     def kwargs(self) -> dict:
         """As the keyword arguments of the reference ops."""

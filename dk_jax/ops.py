@@ -38,7 +38,7 @@ def _depthwise_geometry(
     x, rotation, weight, offset, kernel_size, stride, padding, dilation, rotation_groups
 ):
     """Checks the arguments of the depthwise ops (dtypes made canonical by the caller);
-    returns normalised geometry."""
+    returns their Geometry (no scope: the weight has it)."""
     arrays = {"x": x, "rotation": rotation, "weight": weight}
     if offset is not None:
         arrays = {"x": x, "offset": offset, "rotation": rotation, "weight": weight}
@@ -82,13 +82,7 @@ def _depthwise_geometry(
             f"offset must have shape (N, Ho, Wo, Kh*Kw*2) = {(n, ho, wo, kh * kw * 2)}, "
             f"got {tuple(offset.shape)}"
         )
-    return dict(
-        kernel_size=(kh, kw),
-        stride=(sh, sw),
-        padding=(ph, pw),
-        dilation=(dh, dw),
-        rotation_groups=groups,
-    )
+    return Geometry(kh, kw, sh, sw, ph, pw, dh, dw, groups)
 
 
 def sample_depthwise(
@@ -132,11 +126,11 @@ def sample_depthwise(
         x, rotation, weight, None, kernel_size, stride, padding, dilation, rotation_groups
     )
     if _traced_reference(implementation):
-        return reference.sample_depthwise(x, rotation, weight, **geo)
+        return reference.sample_depthwise(x, rotation, weight, **geo.kwargs())
     return prims.bind(
         "forward",
         deformable=False,
-        geometry=_geometry(geo),
+        geometry=geo,
         **_kernel_only(implementation),
         x=x,
         rotation=rotation,
@@ -178,11 +172,11 @@ def deform_sample_depthwise(
         x, rotation, weight, offset, kernel_size, stride, padding, dilation, rotation_groups
     )
     if _traced_reference(implementation):
-        return reference.deform_sample_depthwise(x, offset, rotation, weight, **geo)
+        return reference.deform_sample_depthwise(x, offset, rotation, weight, **geo.kwargs())
     return prims.bind(
         "forward",
         deformable=True,
-        geometry=_geometry(geo),
+        geometry=geo,
         **_kernel_only(implementation),
         x=x,
         offset=offset,
@@ -233,7 +227,7 @@ def nd_linear_sample(
 def _cols_geometry(
     x, rotation, offset, scope_size, kernel_size, stride, padding, dilation, rotation_groups
 ):
-    """Checks the arguments of the columns ops; returns normalised geometry and the scope."""
+    """Checks the arguments of the columns ops; returns their Geometry (scope included)."""
     kh, kw = _checks.pair(kernel_size, "kernel_size", minimum=1)
     sh, sw = _checks.pair(scope_size, "scope_size", minimum=1)
     if sh < kh or sw < kw:
@@ -247,7 +241,7 @@ def _cols_geometry(
     geo = _depthwise_geometry(
         x, rotation, weight, offset, (kh, kw), stride, padding, dilation, rotation_groups
     )
-    return geo, (sh, sw)
+    return geo._replace(scope_h=sh, scope_w=sw)
 
 
 def scope_im2col(
@@ -282,15 +276,15 @@ def scope_im2col(
       (N, Ho, Wo, Sh, Sw, C) in the dtype of x.
     """
     x, rotation = _checks.float_arrays(x=x, rotation=rotation)
-    geo, scope = _cols_geometry(
+    geo = _cols_geometry(
         x, rotation, None, scope_size, kernel_size, stride, padding, dilation, rotation_groups
     )
     if _traced_reference(implementation):
-        return reference.scope_im2col(x, rotation, scope_size=scope, **geo)
+        return reference.scope_im2col(x, rotation, scope_size=geo.scope(), **geo.kwargs())
     return prims.cols_bind(
         "forward",
         deformable=False,
-        geometry=_geometry(geo, scope),
+        geometry=geo,
         x=x,
         rotation=rotation,
         **_kernel_only(implementation),
@@ -313,15 +307,17 @@ def deform_scope_im2col(
     """`scope_im2col` whose image taps are read bilinearly at the offset positions, as in
     `deform_sample_depthwise`. offset: (N, Ho, Wo, Kh*Kw*2). Returns (N, Ho, Wo, Sh, Sw, C)."""
     x, offset, rotation = _checks.float_arrays(x=x, offset=offset, rotation=rotation)
-    geo, scope = _cols_geometry(
+    geo = _cols_geometry(
         x, rotation, offset, scope_size, kernel_size, stride, padding, dilation, rotation_groups
     )
     if _traced_reference(implementation):
-        return reference.deform_scope_im2col(x, offset, rotation, scope_size=scope, **geo)
+        return reference.deform_scope_im2col(
+            x, offset, rotation, scope_size=geo.scope(), **geo.kwargs()
+        )
     return prims.cols_bind(
         "forward",
         deformable=True,
-        geometry=_geometry(geo, scope),
+        geometry=geo,
         **_kernel_only(implementation),
         x=x,
         offset=offset,
@@ -478,15 +474,3 @@ def _local_conv(x, offset, rotation, kernel, feature_group_count, **geo):
     columns = scope_im2col if offset is None else deform_scope_im2col
     cols = columns(x, *offsets, rotation, scope_size=kernel.shape[:2], **geo)
     return _cols_matmul(cols, kernel, groups)
-
-
-def _geometry(geo: dict, scope: tuple[int, int] = (0, 0)) -> Geometry:
-    """The primitives' static geometry from checked arguments (and the columns' scope)."""
-    return Geometry(
-        *geo["kernel_size"],
-        *geo["stride"],
-        *geo["padding"],
-        *geo["dilation"],
-        geo["rotation_groups"],
-        *scope,
-    )
