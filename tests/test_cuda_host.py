@@ -8,41 +8,20 @@ offsets. The GPU itself is tested by tests/test_gpu.py."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-from pathlib import Path
-
-import jax.ffi
-import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT, build_and_run_host_check
 
 
 def test_v2_kernels_match_footprint_loops_on_host_threads(tmp_path):
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        pytest.skip(f"no C++ compiler ({cxx})")
-    exe = tmp_path / "cuda_v2_host_check"
-    build = subprocess.run(
-        [
-            cxx,
-            "-std=c++20",
-            "-O1",
-            "-pthread",
-            f"-I{ROOT / 'scripts' / 'cuda_host_shim'}",
-            f"-I{ROOT / 'xla_ffi'}",
-            "-isystem",
-            jax.ffi.include_dir(),
-            str(ROOT / "scripts" / "cuda_v2_host_check.cc"),
-            "-o",
-            str(exe),
-        ],
-        capture_output=True,
-        text=True,
+    shim = ROOT / "scripts" / "cuda_host_shim"
+    run = build_and_run_host_check(
+        tmp_path,
+        "cuda_v2_host_check.cc",
+        "-std=c++20",
+        "-O1",
+        "-pthread",
+        f"-I{shim}",
+        timeout=600,
     )
-    assert build.returncode == 0, build.stderr[-4000:]
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     lines = run.stdout.splitlines()
     assert lines[-1] == "0 failure(s)"
